@@ -1,0 +1,44 @@
+"""Shared console helpers: one rich Console, progress bars, summary tables (rank-0 friendly)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+console = Console(stderr=True)
+"""Progress and tables go to stderr so that stdout stays machine-readable (`--json` output)."""
+
+
+def progress(disable: bool = False, transient: bool = False) -> Progress:
+    """A progress bar with counts, elapsed time and ETA. Disabled when stderr is not a terminal and
+    ALICE_DS_PROGRESS=0 is set, so CI logs stay short."""
+    if os.environ.get("ALICE_DS_PROGRESS", "1") == "0":
+        disable = True
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, disable=disable, transient=transient)
+
+
+def table(title: str, columns: list[str], rows: list[list]) -> Table:
+    """A rich table of already-formatted rows; print it with `console.print(table(...))`."""
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(v) for v in r])
+    return t
+
+
+def warn(msg: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {msg}")
+
+
+def fail(msg: str) -> None:
+    """Print a one-line error for a user mistake (no traceback)."""
+    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    sys.stderr.flush()
