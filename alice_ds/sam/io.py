@@ -1,0 +1,146 @@
+"""SAM embedding files: one `<embed_dir>/<case_id>.safetensors` per case (docs/interfaces.md).
+
+Tensors `fine` [Xf, Yf, Zf, 128] and `coarse` [Xc, Yc, Zc, 128], fp16, channel-last and
+L2-normalised per voxel, so a box of the fine grid is a few contiguous runs that `safe_open(...)
+.get_slice` reads without touching the rest of the file. Metadata values are JSON strings: the
+voxel -> world-mm affine of each grid (RAS), the strides in voxels of the 2 mm SAM grid, the model id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from alice_ds.errors import DataError
+
+FORMAT_VERSION = "1"
+EMBED_DIM = 128
+SUFFIX = ".safetensors"
+REQUIRED_META = ("case_id", "fine_affine", "coarse_affine", "fine_stride", "coarse_stride",
+                 "model_id", "format_version")
+
+
+def embedding_path(embed_dir, case_id: str) -> Path:
+    return Path(embed_dir) / f"{case_id}{SUFFIX}"
+
+
+def list_embeddings(embed_dir) -> list[str]:
+    """Sorted case ids with an embedding file in `embed_dir` (temporary files excluded)."""
+    d = Path(embed_dir)
+    if not d.is_dir():
+        raise DataError(d, "embedding directory does not exist (run `alice-ds embed` first)")
+    return sorted(p.name[:-len(SUFFIX)] for p in d.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+
+
+def write_embedding(path, fine: torch.Tensor, coarse: torch.Tensor, fine_affine, coarse_affine,
+                    fine_stride, coarse_stride, model_id: str, case_id: str) -> Path:
+    """Write one case atomically (temp file in the same directory, then rename), so a reader never
+    sees a half-written file and an interrupted `embed` leaves no file that looks finished."""
+    path = Path(path)
+    for name, t in (("fine", fine), ("coarse", coarse)):
+        if t.ndim != 4 or t.shape[-1] != EMBED_DIM:
+            raise ValueError(f"{name} must be [X, Y, Z, {EMBED_DIM}], got {tuple(t.shape)}")
+    meta = {
+        "case_id": case_id,
+        "fine_affine": json.dumps(np.asarray(fine_affine, dtype=float).tolist()),
+        "coarse_affine": json.dumps(np.asarray(coarse_affine, dtype=float).tolist()),
+        "fine_stride": json.dumps([int(s) for s in fine_stride]),
+        "coarse_stride": json.dumps([int(s) for s in coarse_stride]),
+        "model_id": model_id,
+        "format_version": FORMAT_VERSION,
+    }
+    tensors = {"fine": fine.detach().to(torch.float16).contiguous().cpu(),
+               "coarse": coarse.detach().to(torch.float16).contiguous().cpu()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+@dataclass
+class EmbeddingFile:
+    """A lazily read embedding file. The header is read on open; tensors only on request.
+
+    Holds no open handle, so an instance can be created in a parent process and used in forked
+    DataLoader workers (each read opens the file, which is an mmap of the header plus the slice).
+    """
+
+    path: Path
+    case_id: str
+    fine_affine: np.ndarray
+    coarse_affine: np.ndarray
+    fine_stride: tuple[int, int, int]
+    coarse_stride: tuple[int, int, int]
+    fine_shape: tuple[int, int, int]
+    coarse_shape: tuple[int, int, int]
+    meta: dict = field(repr=False)
+
+    def fine_window(self, lo, hi) -> torch.Tensor:
+        """Fine-grid box `[lo, hi)` (voxel indices, clipped to the grid) as float32 [wx, wy, wz, 128]."""
+        lo = [max(0, int(v)) for v in lo]
+        hi = [min(s, int(v)) for v, s in zip(hi, self.fine_shape)]
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                part = f.get_slice("fine")[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        except Exception as e:  # safetensors raises several types for a truncated/replaced file
+            raise DataError(self.path, f"cannot read the fine embedding window: {e}") from None
+        return part.float()
+
+    def fine(self) -> torch.Tensor:
+        """The whole fine grid as float32 [Xf, Yf, Zf, 128] (for tests and small volumes)."""
+        return self.fine_window((0, 0, 0), self.fine_shape)
+
+    def coarse(self) -> torch.Tensor:
+        """The whole coarse grid as float32 [Xc, Yc, Zc, 128]."""
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor("coarse").float()
+        except Exception as e:
+            raise DataError(self.path, f"cannot read the coarse embedding: {e}") from None
+
+
+def open_embedding(embed_dir, case_id: str) -> EmbeddingFile:
+    """Open `<embed_dir>/<case_id>.safetensors` and validate its header; a missing, truncated or
+    foreign file raises `DataError` naming it."""
+    path = embedding_path(embed_dir, case_id)
+    if not path.is_file():
+        raise DataError(path, f"no SAM embedding for case {case_id!r} (run `alice-ds embed`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys & {"fine", "coarse"}}
+    except Exception as e:
+        raise DataError(path, f"not a readable safetensors embedding file ({e})") from None
+    missing = [k for k in ("fine", "coarse") if k not in keys] + [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise DataError(path, f"embedding file lacks {', '.join(missing)}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise DataError(path, f"embedding format_version {meta['format_version']!r}, "
+                              f"this alice-ds reads {FORMAT_VERSION!r} (re-run `alice-ds embed`)")
+    for k, s in shapes.items():
+        if len(s) != 4 or s[-1] != EMBED_DIM:
+            raise DataError(path, f"tensor {k!r} has shape {s}, expected [X, Y, Z, {EMBED_DIM}]")
+    try:
+        fine_affine = np.array(json.loads(meta["fine_affine"]), dtype=np.float64).reshape(4, 4)
+        coarse_affine = np.array(json.loads(meta["coarse_affine"]), dtype=np.float64).reshape(4, 4)
+        fine_stride = tuple(int(v) for v in json.loads(meta["fine_stride"]))
+        coarse_stride = tuple(int(v) for v in json.loads(meta["coarse_stride"]))
+    except (ValueError, TypeError) as e:
+        raise DataError(path, f"embedding metadata is malformed ({e})") from None
+    return EmbeddingFile(path=path, case_id=meta["case_id"], fine_affine=fine_affine,
+                         coarse_affine=coarse_affine, fine_stride=fine_stride,
+                         coarse_stride=coarse_stride, fine_shape=shapes["fine"][:3],
+                         coarse_shape=shapes["coarse"][:3], meta=meta)
