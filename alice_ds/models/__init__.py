@@ -1,1 +1,7 @@
+"""Pure `nn.Module`s of Alice: the MONAI-compatible Swin backbone, the DINO/iBOT-style head and CASA.
 
+Nothing here imports DeepSpeed; parallelism lives in `alice_ds.engine`."""
+
+from alice_ds.models.swin import PRESETS, BackboneOutput, SwinBackbone, parameter_count
+
+__all__ = ["PRESETS", "BackboneOutput", "SwinBackbone", "parameter_count"]
