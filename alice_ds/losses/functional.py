@@ -105,7 +105,7 @@ def centered_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, center:
 def _check_mask(pred: torch.Tensor, mask: torch.Tensor | None, block: int) -> torch.Tensor | None:
     """Validate shapes; return the mask as uint8 0/1 (1 = masked) or None."""
     if pred.dim() != 5 or pred.shape[1] != 1:
-        raise ValueError(f"pred must be [B, 1, X, Y, Z], got {tuple(pred.shape)}")
+        raise ValueError(f"pred must be [B, 1, X, Y, Z], got {list(pred.shape)}")
     if mask is None:
         return None
     if block < 1:
