@@ -1,0 +1,260 @@
+"""Read one backbone (teacher or student) out of an alice-ds DeepSpeed checkpoint, tensor by tensor.
+
+Layout (docs/interfaces.md, "Training module and checkpoints"):
+`<output_dir>/checkpoints/<tag>/` holds DeepSpeed's `save_checkpoint` files, `alice_state.json` and
+`teacher_fp32_rank<r>.safetensors`; `<output_dir>/checkpoints/latest` names the newest tag.
+
+- The **student** comes from DeepSpeed's own `zero_to_fp32` machinery: the fp32 master weights held
+  by the ZeRO optimizer partitions of every rank, never the bf16 working copy.
+- The **teacher** comes from our fp32 shards: DeepSpeed keeps no fp32 master for frozen parameters
+  (ZeRO-1 drops them from `zero_to_fp32`, others return them in bf16; DESIGN §6).
+- Buffers (SwinUNETR's `relative_position_index`) come from DeepSpeed's model-states file.
+
+Tensors are produced one at a time (`BackboneSource.get`) so that a writer can stream them to disk.
+Every way a checkpoint can be unusable (no such tag, a missing or truncated file, a file that is not
+ours) raises `DataError` naming the file. This is the only exporter module that imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from alice_ds.errors import DataError
+
+ALICE_STATE = "alice_state.json"
+LATEST = "latest"
+TEACHER_SHARD = "teacher_fp32_rank{rank}.safetensors"
+
+# The only non-tensor classes DeepSpeed 0.16-0.19 pickles into its checkpoint files. `zero_to_fp32`
+# unpickles those files with weights_only=False; we list every global a file would import first
+# (without executing anything) and refuse a file that asks for anything else.
+DEEPSPEED_PICKLE_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.checkpoint.constants.ZeroStageEnum",
+})
+
+
+@dataclass
+class CheckpointRef:
+    """One resolved checkpoint tag: where it is and what `alice_state.json` says about it."""
+
+    root: Path
+    """The folder holding `latest` and the tag folders (`<output_dir>/checkpoints`)."""
+    tag: str
+    tag_dir: Path
+    state: dict = field(repr=False)
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.state["zero_stage"])
+
+    @property
+    def world_size(self) -> int:
+        return int(self.state["world_size"])
+
+
+def _checkpoints_root(path: Path) -> Path:
+    """Accept `<output_dir>`, `<output_dir>/checkpoints` or a tag folder itself."""
+    if (path / ALICE_STATE).is_file():
+        return path.parent
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    return path
+
+
+def locate(checkpoint_dir: str | Path, tag: str = "latest") -> CheckpointRef:
+    """Resolve `tag` ("latest", "best", "step_<N>") under a run's checkpoint folder.
+
+    `checkpoint_dir` may be the run's output folder, its `checkpoints/` folder or a tag folder
+    (then `tag` is ignored unless it names another tag of the same run).
+    """
+    path = Path(checkpoint_dir)
+    if not path.is_dir():
+        raise DataError(path, "no such checkpoint folder")
+    if (path / ALICE_STATE).is_file() and tag == "latest":
+        root, tag = path.parent, path.name
+    else:
+        root = _checkpoints_root(path)
+    if tag == "latest":
+        latest = root / LATEST
+        if not latest.is_file():
+            raise DataError(latest, "no `latest` file: the run saved no complete checkpoint "
+                                    "(pass --tag to pick one of the tag folders)")
+        tag = latest.read_text().strip()
+    tag_dir = root / tag
+    if not tag_dir.is_dir():
+        have = sorted(p.name for p in root.iterdir() if (p / ALICE_STATE).is_file())
+        raise DataError(tag_dir, f"no checkpoint tag {tag!r} (tags here: {', '.join(have) or 'none'})")
+    state_path = tag_dir / ALICE_STATE
+    try:
+        state = json.loads(state_path.read_text())
+    except FileNotFoundError:
+        raise DataError(state_path, "missing: not an alice-ds checkpoint, or its save did not finish") from None
+    except json.JSONDecodeError as e:
+        raise DataError(state_path, f"not valid JSON ({e})") from None
+    for key in ("step", "world_size", "zero_stage", "config"):
+        if key not in state:
+            raise DataError(state_path, f"has no {key!r} entry")
+    return CheckpointRef(root=root, tag=tag, tag_dir=tag_dir, state=state)
+
+
+def check_deepspeed_file(path: Path) -> None:
+    """A DeepSpeed `.pt` file must be a complete zip archive that unpickles only known DeepSpeed
+    classes. Truncation loses the zip's central directory, which this detects without a full read."""
+    try:
+        zipfile.ZipFile(path).close()  # reads only the central directory at the end of the file
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (zipfile.BadZipFile, RuntimeError, OSError, EOFError) as e:
+        raise DataError(path, f"truncated or corrupt DeepSpeed checkpoint file ({type(e).__name__})") from None
+    unknown = sorted(set(unsafe) - DEEPSPEED_PICKLE_GLOBALS)
+    if unknown:
+        raise DataError(path, f"refusing to unpickle unexpected classes {unknown}")
+
+
+def _model_states_file(ref: CheckpointRef) -> Path:
+    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if ref.zero_stage == 3 else "mp_rank_00_model_states.pt"
+    path = ref.tag_dir / name
+    if not path.is_file():
+        raise DataError(path, f"missing (ZeRO-{ref.zero_stage} checkpoint written by DeepSpeed)")
+    return path
+
+
+def read_buffers(ref: CheckpointRef, prefix: str) -> dict[str, torch.Tensor]:
+    """Buffers of the submodule `prefix` (e.g. "teacher.backbone.") from DeepSpeed's model states,
+    named without the prefix. Buffers are never partitioned, so rank 0's file has them whole."""
+    path = _model_states_file(ref)
+    check_deepspeed_file(path)
+    states = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    names = states.get("buffer_names", [])
+    return {n[len(prefix):]: states["module"][n].clone() for n in names if n.startswith(prefix)}
+
+
+class BackboneSource:
+    """Random access to one backbone's fp32 tensors (parameters and buffers) by state-dict name,
+    without the `student.backbone.` / `teacher.backbone.` prefix."""
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class TeacherSource(BackboneSource):
+    """The fp32 teacher from `teacher_fp32_rank<r>.safetensors` (+ buffers from DeepSpeed).
+
+    ZeRO 0-2: rank 0's file holds full tensors. ZeRO-3: every rank's file holds a flat partition of
+    ceil(numel / world_size) elements; full = cat(partitions)[:numel].view(shape) (`zero3_shapes`).
+    """
+
+    SHARD_PREFIX = "backbone."
+
+    def __init__(self, ref: CheckpointRef):
+        self.ref = ref
+        ranks = range(ref.world_size) if ref.zero_stage == 3 else range(1)
+        self.paths = [ref.tag_dir / TEACHER_SHARD.format(rank=r) for r in ranks]
+        self.files = []
+        for path in self.paths:
+            if not path.is_file():
+                raise DataError(path, f"missing: a ZeRO-{ref.zero_stage} checkpoint of world size "
+                                      f"{ref.world_size} needs {len(self.paths)} teacher shard(s)")
+            try:
+                f = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise DataError(path, f"truncated or corrupt safetensors file ({e})") from None
+            self.files.append(f)
+        self.shapes: dict[str, list[int]] = {}
+        if ref.zero_stage == 3:
+            meta = self.files[0].metadata() or {}
+            if "zero3_shapes" not in meta:
+                raise DataError(self.paths[0], "ZeRO-3 teacher shard without `zero3_shapes` metadata")
+            self.shapes = json.loads(meta["zero3_shapes"])
+        keys = [k for k in self.files[0].keys() if k.startswith(self.SHARD_PREFIX)]
+        for path, f in zip(self.paths[1:], self.files[1:]):
+            if sorted(k for k in f.keys() if k.startswith(self.SHARD_PREFIX)) != sorted(keys):
+                raise DataError(path, f"holds other tensors than {self.paths[0].name}")
+        self.params = [k[len(self.SHARD_PREFIX):] for k in keys]
+        self.buffers = read_buffers(ref, "teacher.backbone.")
+
+    def names(self) -> list[str]:
+        return self.params + [b for b in self.buffers if b not in self.params]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self.buffers:
+            return self.buffers[name]
+        key = self.SHARD_PREFIX + name
+        parts = []
+        for path, f in zip(self.paths, self.files):
+            try:
+                parts.append(f.get_tensor(key))
+            except (SafetensorError, OSError) as e:
+                raise DataError(path, f"cannot read {key!r}: truncated or corrupt ({e})") from None
+        if self.ref.zero_stage < 3:
+            return parts[0].float()
+        shape = self.shapes[key] if key in self.shapes else self.shapes.get(name)
+        if shape is None:
+            raise DataError(self.paths[0], f"`zero3_shapes` has no shape for {key!r}")
+        numel = math.prod(shape)
+        flat = torch.cat(parts)  # [world_size * ceil(numel / world_size)], padded at the end
+        if flat.numel() < numel:
+            raise DataError(self.paths[0], f"{key!r}: partitions hold {flat.numel()} elements, "
+                                           f"shape {shape} needs {numel}")
+        return flat[:numel].view(shape).float()
+
+
+class StudentSource(BackboneSource):
+    """The student's fp32 master weights via DeepSpeed's `zero_to_fp32` (lazy mode: under ZeRO-3 one
+    parameter is gathered from the rank partitions at a time; under ZeRO 1-2 DeepSpeed concatenates
+    the memory-mapped partitions of each parameter group once)."""
+
+    PREFIX = "student.backbone."
+
+    def __init__(self, ref: CheckpointRef):
+        from deepspeed.utils import zero_to_fp32
+
+        self.ref = ref
+        files = sorted(ref.tag_dir.glob("*_optim_states.pt")) + sorted(ref.tag_dir.glob("*_model_states.pt"))
+        if not any(f.name.endswith("_optim_states.pt") for f in files):
+            raise DataError(ref.tag_dir, "no DeepSpeed `*_optim_states.pt` files: the student's fp32 "
+                                         "master weights are not in this checkpoint")
+        for f in files:
+            check_deepspeed_file(f)
+        try:
+            # zero_to_fp32 reports progress with print(); keep stdout for machine-readable output
+            with contextlib.redirect_stdout(sys.stderr):
+                state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
+                    str(ref.root), tag=ref.tag, exclude_frozen_parameters=True, lazy_mode=True)
+        except (ValueError, RuntimeError, FileNotFoundError) as e:
+            raise DataError(ref.tag_dir, f"DeepSpeed's zero_to_fp32 cannot read this checkpoint ({e})") from None
+        self.state = {k[len(self.PREFIX):]: v for k, v in state.items() if k.startswith(self.PREFIX)}
+
+    def names(self) -> list[str]:
+        return list(self.state)
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.state[name].contiguous()  # ZeRO-3: GatheredTensor -> Tensor, gathered now
+        return t.float() if t.is_floating_point() else t
+
+
+def open_backbone(ref: CheckpointRef, which: str) -> BackboneSource:
+    """`which` = "teacher" | "student"."""
+    if which == "teacher":
+        return TeacherSource(ref)
+    if which == "student":
+        return StudentSource(ref)
+    raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
