@@ -1,0 +1,185 @@
+"""Checkpoints: DeepSpeed's files plus everything an exact resume needs that DeepSpeed does not hold
+(layout fixed in docs/interfaces.md "Training module and checkpoints").
+
+```
+<output_dir>/checkpoints/<tag>/            tag = step_<N> | best
+    (DeepSpeed save_checkpoint files: model/optimizer states per rank)
+    alice_state.json                       step, world_size, zero_stage, resolved config, version
+    teacher_fp32_rank<r>.safetensors       fp32 teacher (every rank under ZeRO-3, rank 0 otherwise)
+    state_rank<r>.safetensors / .json      buffers (loss centers), RNG states, sampler state, counters
+<output_dir>/checkpoints/latest            the tag, written by rank 0 after every rank finished
+```
+No pickle: tensors in safetensors, the rest in JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from alice_ds import __version__
+from alice_ds.errors import DataError, UserError
+
+STEP_TAG = re.compile(r"^step_(\d+)$")
+BEST_TAG = "best"
+LATEST = "latest"
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, json) of the process-global RNGs: torch (CPU and accelerator), numpy, python."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py = random.getstate()
+    return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+                     "python": [py[0], list(py[1]), py[2]]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], state: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_teacher(path: Path, ema, zero3: bool) -> None:
+    """`teacher_fp32_rank<r>.safetensors` as the export reads it: full fp32 tensors, or under ZeRO-3
+    this rank's flat padded partition plus `zero3_shapes` (name -> full shape) in the metadata."""
+    tensors = {n: t.contiguous() for n, t in ema.local_state().items()}
+    meta = {"format": "alice-ds-teacher-fp32", "zero3": json.dumps(zero3)}
+    if zero3:
+        meta["zero3_shapes"] = json.dumps({n: list(p.ds_shape) for n, p in zip(ema.names, ema.teacher)})
+    save_file(tensors, str(path), metadata=meta)
+
+
+def save(engine, module, ema, ckpt_root: Path, tag: str, step: int, config: dict, zero_stage: int,
+         rank_state: dict, rank_tensors: dict[str, torch.Tensor], keep_last: int) -> Path:
+    """Every rank calls this. `rank_state`/`rank_tensors`: this rank's JSON state and extra tensors
+    (sampler state, counters). Returns the checkpoint directory."""
+    import deepspeed.comm as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"step": step}, save_latest=False)
+    d = ckpt_root / tag
+    zero3 = zero_stage == 3
+    if zero3 or rank == 0:
+        save_teacher(d / f"teacher_fp32_rank{rank}.safetensors", ema, zero3)
+    rng_tensors, rng_json = rng_state()
+    buffers = {f"buffer.{n}": b.detach().cpu().contiguous() for n, b in module.named_buffers()
+               if b is not None and n in module.state_dict()}
+    save_file({**buffers, **rng_tensors, **rank_tensors}, str(d / f"state_rank{rank}.safetensors"))
+    _atomic_write_text(d / f"state_rank{rank}.json", json.dumps({"step": step, "rng": rng_json, **rank_state}))
+    if rank == 0:
+        _atomic_write_text(d / "alice_state.json", json.dumps(
+            {"step": step, "world_size": world, "zero_stage": zero_stage, "config": config,
+             "alice_ds_version": __version__}, indent=2))
+    dist.barrier()
+    if rank == 0:
+        _atomic_write_text(ckpt_root / LATEST, tag)
+        prune(ckpt_root, keep_last)
+    dist.barrier()
+    return d
+
+
+def step_tags(ckpt_root: Path) -> list[tuple[int, str]]:
+    """(step, tag) of the `step_<N>` checkpoints that finished (have `alice_state.json`), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    out = []
+    for p in ckpt_root.iterdir():
+        m = STEP_TAG.match(p.name)
+        if m and (p / "alice_state.json").is_file():
+            out.append((int(m.group(1)), p.name))
+    return sorted(out)
+
+
+def prune(ckpt_root: Path, keep_last: int) -> None:
+    """Remove all but the newest `keep_last` step checkpoints (0 keeps all); never `best` or the
+    tag `latest` names."""
+    if keep_last <= 0:
+        return
+    latest = (ckpt_root / LATEST).read_text().strip() if (ckpt_root / LATEST).is_file() else None
+    tags = step_tags(ckpt_root)
+    for _, tag in tags[:-keep_last]:
+        if tag != latest:
+            shutil.rmtree(ckpt_root / tag, ignore_errors=True)
+
+
+def resolve_resume(ckpt_root: Path, resume: str | None) -> str | None:
+    """The tag to resume from: `auto` -> the `latest` pointer (None when the run is fresh), a tag ->
+    itself (an error naming it when it is not a finished checkpoint)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        pointer = ckpt_root / LATEST
+        if not pointer.is_file():
+            return None
+        tag = pointer.read_text().strip()
+    else:
+        tag = resume
+    if not (ckpt_root / tag / "alice_state.json").is_file():
+        raise DataError(ckpt_root / tag, "no finished checkpoint here (alice_state.json missing); "
+                        f"available: {[t for _, t in step_tags(ckpt_root)] or 'none'}")
+    return tag
+
+
+def load(engine, module, ema, ckpt_root: Path, tag: str, zero_stage: int) -> tuple[dict, dict]:
+    """Restore DeepSpeed state, the fp32 teacher, buffers and RNG states. Returns
+    (alice_state, this rank's JSON state) so the trainer restores step, sampler and counters."""
+    import deepspeed.comm as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    d = ckpt_root / tag
+    alice_state = json.loads((d / "alice_state.json").read_text())
+    if alice_state["world_size"] != world or alice_state["zero_stage"] != zero_stage:
+        raise UserError(f"{d}: saved with world size {alice_state['world_size']} and ZeRO-"
+                        f"{alice_state['zero_stage']}, this run has {world} and ZeRO-{zero_stage}; convert it "
+                        "with DeepSpeed's ds_to_universal.py and resume with checkpoint.load_universal "
+                        "(README 'Scaling out')")
+    load_path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_module_strict=True)
+    if load_path is None:
+        raise DataError(d, "DeepSpeed could not load this checkpoint")
+    teacher_file = d / f"teacher_fp32_rank{rank if zero_stage == 3 else 0}.safetensors"
+    ema.load_local_state(load_file(str(teacher_file)), str(teacher_file))
+    state_file = d / f"state_rank{rank}.safetensors"
+    tensors = load_file(str(state_file))
+    with torch.no_grad():
+        for n, b in module.named_buffers():
+            key = f"buffer.{n}"
+            if key in tensors:
+                b.copy_(tensors[key])
+    rank_state = json.loads((d / f"state_rank{rank}.json").read_text())
+    set_rng_state(tensors, rank_state["rng"])
+    rank_state["tensors"] = {k: v for k, v in tensors.items()
+                             if not k.startswith(("buffer.", "rng."))}
+    return alice_state, rank_state
+
+
+def read_teacher_metadata(path: Path) -> dict:
+    """Metadata of a `teacher_fp32_rank<r>.safetensors` file (`zero3`, `zero3_shapes`)."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})

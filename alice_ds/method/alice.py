@@ -1,0 +1,109 @@
+"""The Alice meta-architecture (Jiang et al., ICCV 2023; DESIGN §4 steps 3-6).
+
+One `nn.Module` holds `student` (backbone + AliceHead), `teacher` (the same, frozen, updated only by
+the EMA in `alice_ds.engine.ema`), `casa` and the loss, so ZeRO partitions student and teacher the
+same way. `forward(batch, step)` returns the loss dict; the training loop never branches on which loss
+is which. Every parameter of student and CASA receives a gradient each step (no
+`find_unused_parameters`): the cls path trains `last_layer` and the deepest stage, the patch path
+trains `enc_proj`, `dec_proj`, `patch_last_layer` and CASA, the reconstruction trains the decoder,
+the masked views train `mask_token`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from alice_ds.losses import AliceLoss
+from alice_ds.models import CASA, AliceHead, SwinBackbone
+
+VIEWS = ("query", "anchor")
+"""The two views of a pair sample (docs/interfaces.md "Pair sampler")."""
+
+LAST_LAYER_NAMES = ("last_layer", "patch_last_layer")
+"""Head layers frozen for the first steps (`optim.freeze_last_layer_steps`)."""
+
+
+class Branch(nn.Module):
+    """Backbone + head: one of student or teacher."""
+
+    def __init__(self, backbone: SwinBackbone, head: AliceHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+
+class AliceMetaArch(nn.Module):
+    """Student, teacher, CASA and AliceLoss. `model_cfg`/`loss_cfg` are `alice_ds.engine.config`
+    sections (plain dataclasses, no DeepSpeed)."""
+
+    def __init__(self, model_cfg, loss_cfg):
+        super().__init__()
+        f = model_cfg.feature_size
+        backbone = SwinBackbone(f, in_channels=1, use_v2=model_cfg.use_v2,
+                                checkpoint_activations=model_cfg.checkpoint_activations)
+        head = AliceHead.for_backbone(f, out_dim=model_cfg.out_dim, patch_out_dim=model_cfg.patch_out_dim,
+                                      hidden_dim=model_cfg.head_hidden_dim,
+                                      bottleneck_dim=model_cfg.head_bottleneck_dim)
+        self.student = Branch(backbone, head)
+        self.teacher = copy.deepcopy(self.student)  # initialised equal to the student
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.casa = CASA(head.in_dim, num_heads=model_cfg.casa_heads, ffn_dim=model_cfg.casa_ffn_dim)
+        self.loss = AliceLoss(model_cfg.out_dim, model_cfg.patch_out_dim, student_temp=loss_cfg.student_temp,
+                              teacher_temp=loss_cfg.teacher_temp,
+                              warmup_teacher_temp=loss_cfg.warmup_teacher_temp,
+                              teacher_patch_temp=loss_cfg.teacher_patch_temp,
+                              warmup_teacher_patch_temp=loss_cfg.warmup_teacher_patch_temp,
+                              warmup_teacher_temp_steps=loss_cfg.warmup_teacher_temp_steps,
+                              center_momentum=loss_cfg.center_momentum, lambdas=loss_cfg.lambdas,
+                              recon_on=loss_cfg.recon_on)
+
+    def train(self, mode: bool = True) -> AliceMetaArch:
+        """The teacher always runs in eval mode (it is a target, not a trained network)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, batch: dict, step: int, update_centers: bool = True) -> dict:
+        """`batch`: the pair sampler's collated dict (`query`, `anchor` [B, 1, R, R, R] in [0, 1];
+        `query_mask`, `anchor_mask` bool [B, R/2, R/2, R/2], True = masked). `step` drives the
+        teacher temperature warmup. `update_centers=False` for validation (the centers are state)."""
+        views = [batch[v] for v in VIEWS]
+        masks = [batch[f"{v}_mask"] for v in VIEWS]
+        s_head, t_head = self.student.head, self.teacher.head
+
+        with torch.no_grad():  # teacher: unmasked views, never differentiated
+            t_out = [self.teacher.backbone(x, None) for x in views]
+            t_cls = [t_head.forward_cls(o.global_feat) for o in t_out]              # [B, K]
+            t_kv = [t_head.embed_dec(o.dec_tokens) for o in t_out]                  # [B, L8, D]
+
+        s_out = [self.student.backbone(x, m) for x, m in zip(views, masks)]
+        s_cls = [s_head.forward_cls(o.global_feat) for o in s_out]                  # [B, K]
+        queries = [s_head.embed_enc(o.enc_tokens) for o in s_out]                   # [B, L16, D]
+        s_kv = [s_head.embed_dec(o.dec_tokens) for o in s_out]                      # [B, L8, D]
+        # CASA: same weights; keys/values from the student (aligned tokens) or the teacher (target)
+        s_patch = [s_head.forward_patch(self.casa(q, kv)) for q, kv in zip(queries, s_kv)]  # [B, L16, Kp]
+        with torch.no_grad():
+            t_patch = [t_head.forward_patch(self.casa(q.detach(), kv)) for q, kv in zip(queries, t_kv)]
+
+        return self.loss(s_cls, t_cls, s_patch, t_patch, recon=[o.recon for o in s_out], target=views,
+                         masks=masks, step=step, update_centers=update_centers)
+
+    def param_groups(self) -> list[dict]:
+        """AdamW groups over student + CASA: no weight decay on biases, norms and other 1-D (or
+        smaller) tensors; the heads' last layers in their own groups so their lr can be zeroed while
+        frozen (works with ZeRO-partitioned gradients, unlike zeroing `.grad`). Each group carries
+        `apply_wd` and `last_layer` flags that the trainer reads each step."""
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if not name.startswith(("student.", "casa.")):
+                raise ValueError(f"unexpected trainable parameter {name} (only student.* and casa.* train)")
+            apply_wd = not (name.endswith(".bias") or p.ndim <= 1 or "norm" in name)
+            last = any(f".{n}." in name for n in LAST_LAYER_NAMES)
+            groups.setdefault((apply_wd, last), []).append(p)
+        return [{"params": ps, "apply_wd": wd, "last_layer": last} for (wd, last), ps in sorted(groups.items())]
