@@ -1,0 +1,163 @@
+"""Resampling cached CT onto SAM grids, and the random view pairs of self-supervised SAM training.
+
+Every grid here is axis-aligned with the cached RAS grid: a view is the cached volume resampled at
+a spacing of 2 mm x scale around a world-mm centre, with its own 4x4 affine, so any voxel of any view
+maps to world mm and back (that is how positives are paired across views of different scales).
+Only the slab of the memory-mapped cache that a grid covers is read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from alice_ds.sam.geometry import index_to_world, normalized_grid, scaled_affine, world_to_index
+from alice_ds.sam.network import FINE_STRIDE, SAM_SPACING_MM
+
+PAD_HU = -1024.0
+"""Value outside the scanned volume (air)."""
+BODY_HU = -500.0
+"""Voxels above this are 'inside the body' when choosing crop centres and positive points."""
+SCALE_RANGE = (0.8, 1.2)
+"""Independent zoom of each view: spacing 2 mm x scale (DESIGN §5)."""
+MAX_NOISE_HU = 40.0
+"""Gaussian noise sigma drawn in [0, MAX_NOISE_HU] per view."""
+MAX_BLUR_VOXELS = 1.0
+"""Gaussian blur sigma drawn in [0, MAX_BLUR_VOXELS] per view (voxels of the view)."""
+MAX_SHIFT_FRACTION = 0.35
+"""Centre of view 2 = centre of view 1 + up to this fraction of the view edge per axis: overlap stays
+at least 30% per axis."""
+BODY_SUBSAMPLE = 4
+"""Body voxels for crop centres are taken from every 4th voxel of the cache (cheap, once per case)."""
+
+
+def unit_axes(affine) -> np.ndarray:
+    """The 3x3 direction part of an affine with unit-length columns."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return a / np.linalg.norm(a, axis=0, keepdims=True)
+
+
+def sam_grid(affine, shape, spacing_mm: float = SAM_SPACING_MM) -> tuple[np.ndarray, tuple]:
+    """The 2 mm grid of a case: same voxel 0 and axes as the cache, spacing `spacing_mm`, covering
+    the cached extent. -> (affine 4x4, shape (X, Y, Z))."""
+    a = np.asarray(affine, dtype=np.float64)
+    extent = (np.asarray(shape) - 1) * np.linalg.norm(a[:3, :3], axis=0)  # mm from first to last voxel
+    out_shape = tuple(int(math.floor(e / spacing_mm + 1e-6)) + 1 for e in extent)
+    out = np.eye(4)
+    out[:3, :3] = unit_axes(a) * spacing_mm
+    out[:3, 3] = a[:3, 3]
+    return out, out_shape
+
+
+def view_affine(case_affine, center_mm, size: int, spacing_mm: float) -> np.ndarray:
+    """Affine of a cubic view of `size` voxels at `spacing_mm`, centred on `center_mm`, with the
+    cache's axes."""
+    out = np.eye(4)
+    out[:3, :3] = unit_axes(case_affine) * spacing_mm
+    out[:3, 3] = np.asarray(center_mm, dtype=np.float64) - out[:3, :3] @ np.full(3, (size - 1) / 2)
+    return out
+
+
+def resample(array, case_affine, out_affine, out_shape, pad: float = PAD_HU) -> torch.Tensor:
+    """Trilinear resample of a cached HU array [X, Y, Z] onto the grid (out_affine, out_shape),
+    reading only the slab it covers. -> float32 HU [X', Y', Z'], `pad` outside the volume."""
+    out_shape = tuple(int(s) for s in out_shape)
+    corners = np.stack(np.meshgrid(*[[0, s - 1] for s in out_shape], indexing="ij"), -1).reshape(-1, 3)
+    cidx = world_to_index(case_affine, index_to_world(out_affine, corners))
+    src_shape = np.asarray(array.shape)
+    lo = np.clip(np.floor(cidx.min(0)).astype(int), 0, src_shape)
+    hi = np.clip(np.ceil(cidx.max(0)).astype(int) + 1, 0, src_shape)
+    if np.any(hi - lo < 1):
+        return torch.full(out_shape, pad)
+    slab = torch.from_numpy(np.asarray(array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32))
+    # index of every output voxel in slab coordinates (separable: the grids share axes)
+    o2c = np.linalg.inv(case_affine) @ out_affine
+    axes = [np.arange(s) for s in out_shape]
+    ijk = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3) @ o2c[:3, :3].T + o2c[:3, 3] - lo
+    g = normalized_grid(torch.from_numpy(ijk).float(), slab.shape).view(1, *out_shape, 3)
+    # sample (value - pad) with zero padding so that outside the slab reads exactly `pad`; a voxel
+    # beyond the last one of the volume is outside (grid_sample with align_corners=True)
+    inside = F.grid_sample((slab - pad)[None, None], g, mode="bilinear", padding_mode="zeros",
+                           align_corners=True)
+    return inside[0, 0] + pad
+
+
+def gaussian_blur(vol: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [X, Y, Z] with sigma in voxels (no-op below 0.1 voxel)."""
+    if sigma < 0.1:
+        return vol
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    v = vol[None, None]
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = len(k)
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
+        v = F.conv3d(F.pad(v, pad, mode="replicate"), k.view(shape))
+    return v[0, 0]
+
+
+@dataclass
+class View:
+    """One augmented crop: HU volume [R, R, R] and its voxel -> world affine."""
+
+    hu: torch.Tensor
+    affine: np.ndarray
+
+    @property
+    def fine_affine(self) -> np.ndarray:
+        return scaled_affine(self.affine, [FINE_STRIDE] * 3)
+
+
+def body_points(array, affine, rng: np.random.Generator, n: int) -> np.ndarray:
+    """`n` random world points inside the body (HU > BODY_HU) of a cached case, [n, 3] mm."""
+    sub = np.asarray(array[::BODY_SUBSAMPLE, ::BODY_SUBSAMPLE, ::BODY_SUBSAMPLE])
+    idx = np.argwhere(sub > BODY_HU)
+    if len(idx) == 0:
+        idx = np.argwhere(np.ones_like(sub, dtype=bool))
+    pick = idx[rng.integers(0, len(idx), n)] * BODY_SUBSAMPLE
+    return index_to_world(affine, pick + rng.uniform(0, BODY_SUBSAMPLE, size=(n, 3)))
+
+
+def augmented_view(array, affine, center_mm, size: int, rng: np.random.Generator) -> View:
+    """A view of `size`^3 voxels at 2 mm x U(SCALE_RANGE), blurred and noised (HU)."""
+    scale = rng.uniform(*SCALE_RANGE)
+    aff = view_affine(affine, center_mm, size, SAM_SPACING_MM * scale)
+    hu = resample(array, affine, aff, (size,) * 3)
+    hu = gaussian_blur(hu, rng.uniform(0, MAX_BLUR_VOXELS))
+    noise = torch.from_numpy(rng.standard_normal(hu.shape).astype(np.float32))
+    return View(hu + noise * rng.uniform(0, MAX_NOISE_HU), aff)
+
+
+def view_pair(array, affine, size: int, rng: np.random.Generator) -> tuple[View, View]:
+    """Two overlapping augmented views of one case around a random body point."""
+    c1 = body_points(array, affine, rng, 1)[0]
+    extent = size * SAM_SPACING_MM
+    c2 = c1 + unit_axes(affine) @ rng.uniform(-MAX_SHIFT_FRACTION, MAX_SHIFT_FRACTION, 3) * extent
+    return augmented_view(array, affine, c1, size, rng), augmented_view(array, affine, c2, size, rng)
+
+
+def positive_pairs(v1: View, v2: View, fine_shape, n: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `n` positive pairs: fine voxels of view 1 (integer [k, 3]) and the continuous fine
+    index of the same world point in view 2 ([k, 3] float), inside both views. Body voxels of view 1
+    are preferred; background fills up only when the overlap holds too few."""
+    shape = np.asarray(fine_shape)
+    ijk1 = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    ijk2 = world_to_index(v2.fine_affine, index_to_world(v1.fine_affine, ijk1))
+    inside = np.all((ijk2 >= 0) & (ijk2 <= shape - 1), axis=1)
+    hu1 = v1.hu[tuple(torch.from_numpy(ijk1 * FINE_STRIDE).T)].numpy()
+    body = inside & (hu1 > BODY_HU)
+    chosen = np.flatnonzero(body)
+    if len(chosen) < n:
+        rest = np.flatnonzero(inside & ~body)
+        chosen = np.concatenate([chosen, rng.permutation(rest)[:n - len(chosen)]])
+    chosen = rng.permutation(chosen)[:n]
+    return ijk1[chosen], ijk2[chosen]

@@ -1,0 +1,186 @@
+"""`alice-ds embed`: SAM fine/coarse embeddings of every cached case, one safetensors file each.
+
+A case is resampled once to the 2 mm SAM grid (reading the memory-mapped cache), then run through
+SAMNet in overlapping tiles of `--tile` voxels so activation memory is bounded whatever the volume
+size; each tile contributes only its interior (half the overlap is dropped at inner seams). Tiles
+start on multiples of the coarse stride, so fine and coarse grids of all tiles line up exactly.
+Existing files made by the same model are skipped (idempotent); files are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+DEFAULT_TILE = 160
+"""Tile edge in 2 mm voxels (320 mm): a typical abdomen or chest fits in one or two tiles."""
+DEFAULT_OVERLAP = 64
+"""Tile overlap in 2 mm voxels: 32 voxels (64 mm) of context on each side of an inner seam."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache_dir", required=True, help="preprocessed cache (alice-ds preprocess)")
+    p.add_argument("--sam_checkpoint", required=True,
+                   help="SAM weights (.safetensors with its .json sidecar), e.g. OUTPUT_DIR/sam.safetensors")
+    p.add_argument("--embed_dir", required=True, help="output folder: one <case_id>.safetensors per case")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel processes, each embedding whole cases (CPU threads are shared out)")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE,
+                   help="tile edge in 2 mm voxels (multiple of 32); lower it when memory is short")
+    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
+                   help="overlap between tiles in 2 mm voxels (multiple of 32, < tile)")
+    p.add_argument("--force", action="store_true", help="re-embed cases whose file already exists")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+TILE_ALIGN = 32
+"""Tiles and overlaps are multiples of 2 x the coarse stride so half an overlap is on the coarse grid."""
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start voxels of the tiles along one axis of `size` voxels (the last one may be shorter)."""
+    starts = [0]
+    while starts[-1] + tile < size:
+        starts.append(starts[-1] + tile - overlap)
+    return starts
+
+
+def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP):
+    """SAM embeddings of a volume on the 2 mm grid, HU float [X, Y, Z] -> (fine fp16
+    [ceil(X/2), ..., 128], coarse fp16 [ceil(X/16), ..., 128]), channel-last, tile by tile."""
+    import math
+
+    import torch
+
+    from alice_ds.sam.network import COARSE_STRIDE, EMBED_DIM, FINE_STRIDE, scale_hu
+
+    shape = tuple(hu.shape)
+    fine = torch.empty(*[math.ceil(s / FINE_STRIDE) for s in shape], EMBED_DIM, dtype=torch.float16)
+    coarse = torch.empty(*[math.ceil(s / COARSE_STRIDE) for s in shape], EMBED_DIM, dtype=torch.float16)
+    device = next(model.parameters()).device
+    starts = [tile_starts(s, tile, overlap) for s in shape]
+    half = overlap // 2
+    with torch.inference_mode():
+        for sx in starts[0]:
+            for sy in starts[1]:
+                for sz in starts[2]:
+                    lo = (sx, sy, sz)
+                    hi = tuple(min(s + tile, n) for s, n in zip(lo, shape))
+                    x = scale_hu(hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])[None, None].to(device)
+                    f, c = model(x)
+                    # owned interior of this tile in 2 mm voxels: drop half the overlap at inner seams
+                    own_lo = [s + half if s > 0 else 0 for s in lo]
+                    own_hi = [h - half if h < n else n for h, n in zip(hi, shape)]
+                    for out, t, stride in ((fine, f, FINE_STRIDE), (coarse, c, COARSE_STRIDE)):
+                        a = [ol // stride for ol in own_lo]
+                        b = [math.ceil(oh / stride) for oh in own_hi]
+                        o = [s // stride for s in lo]
+                        out[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = t[0].permute(1, 2, 3, 0)[  # [C,x,y,z] -> [x,y,z,C]
+                            a[0] - o[0]:b[0] - o[0], a[1] - o[1]:b[1] - o[1], a[2] - o[2]:b[2] - o[2]
+                        ].to(torch.float16).cpu()
+    return fine, coarse
+
+
+def embed_case(model, model_id: str, cache_dir, case_id: str, embed_dir, tile: int, overlap: int):
+    """Embed one cached case into `<embed_dir>/<case_id>.safetensors`."""
+    from alice_ds.data.cache import open_case
+    from alice_ds.sam.crops import resample, sam_grid
+    from alice_ds.sam.geometry import scaled_affine
+    from alice_ds.sam.io import embedding_path, write_embedding
+    from alice_ds.sam.network import COARSE_STRIDE, FINE_STRIDE
+
+    case = open_case(cache_dir, case_id)
+    affine, shape = sam_grid(case.affine, case.shape)
+    hu = resample(case.array, case.affine, affine, shape)
+    fine, coarse = embed_volume(model, hu, tile, overlap)
+    write_embedding(embedding_path(embed_dir, case_id), fine, coarse,
+                    scaled_affine(affine, [FINE_STRIDE] * 3), scaled_affine(affine, [COARSE_STRIDE] * 3),
+                    [FINE_STRIDE] * 3, [COARSE_STRIDE] * 3, model_id, case_id)
+
+
+def _up_to_date(embed_dir, case_id: str, model_id: str) -> bool:
+    from alice_ds.errors import DataError
+    from alice_ds.sam.io import embedding_path, open_embedding
+
+    if not embedding_path(embed_dir, case_id).exists():
+        return False
+    try:
+        return open_embedding(embed_dir, case_id).meta["model_id"] == model_id
+    except DataError:  # a corrupt leftover is simply re-embedded
+        return False
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(checkpoint: str, device: str, threads: int, job: dict) -> None:
+    import torch
+
+    from alice_ds.sam.train import load_model
+
+    torch.set_num_threads(threads)
+    _WORKER["model"], _WORKER["model_id"] = load_model(checkpoint, device)
+    _WORKER["job"] = job
+
+
+def _worker_embed(case_id: str) -> tuple[str, float]:
+    t0 = time.time()
+    job = _WORKER["job"]
+    embed_case(_WORKER["model"], _WORKER["model_id"], job["cache_dir"], case_id, job["embed_dir"],
+               job["tile"], job["overlap"])
+    return case_id, time.time() - t0
+
+
+def run(args) -> int:
+    import multiprocessing as mp
+    import os
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from alice_ds.console import console, progress, table
+    from alice_ds.data.cache import list_cases
+    from alice_ds.errors import UserError
+    from alice_ds.sam.train import load_model
+
+    if args.tile % TILE_ALIGN or args.tile < TILE_ALIGN:
+        raise UserError(f"--tile must be a positive multiple of {TILE_ALIGN}, got {args.tile}")
+    if args.overlap % TILE_ALIGN or not 0 <= args.overlap < args.tile:
+        raise UserError(f"--overlap must be a multiple of {TILE_ALIGN} in [0, --tile), got {args.overlap}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, model_id = load_model(args.sam_checkpoint, device)
+    Path(args.embed_dir).mkdir(parents=True, exist_ok=True)
+    cases = list_cases(args.cache_dir)
+    todo = [c for c in cases if args.force or not _up_to_date(args.embed_dir, c, model_id)]
+    console.print(f"embed: {len(cases)} cached cases, {len(cases) - len(todo)} up to date, "
+                  f"{len(todo)} to embed with {model_id}")
+    job = {"cache_dir": args.cache_dir, "embed_dir": args.embed_dir, "tile": args.tile,
+           "overlap": args.overlap}
+    seconds: list[float] = []
+    with progress() as bar:
+        task = bar.add_task("embed", total=len(todo))
+        if args.workers == 1 or len(todo) <= 1:
+            _WORKER.update(model=model, model_id=model_id, job=job)
+            results = map(_worker_embed, todo)
+            pool = None
+        else:
+            threads = max(1, (os.cpu_count() or 1) // args.workers)
+            pool = mp.get_context("spawn").Pool(args.workers, _worker_init,
+                                                (args.sam_checkpoint, device, threads, job))
+            results = pool.imap_unordered(_worker_embed, todo)
+        try:
+            for case_id, s in results:
+                seconds.append(s)
+                bar.update(task, advance=1, description=f"embed {case_id} {s:.1f} s")
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+    if seconds:
+        console.print(table("embed", ["cases embedded", "skipped", "s/case (mean)", "s/case (max)"],
+                            [[len(seconds), len(cases) - len(todo), f"{np.mean(seconds):.2f}",
+                              f"{np.max(seconds):.2f}"]]))
+    return 0

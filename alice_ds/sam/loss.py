@@ -1,0 +1,95 @@
+"""SAM self-supervised losses (Yan et al., TMI 2022, §III-B): InfoNCE over voxel pairs of two views
+of one volume that sit at the same world position.
+
+- fine: query = fine embedding of view 1 at a positive voxel, positive = fine embedding of view 2 at
+  the same world point (trilinear), negatives = the hardest of N_CANDIDATES random view-2 voxels by
+  (fine + coarse) similarity, excluding those within FINE_EXCLUDE_MM of the positive;
+- coarse: query = coarse embedding of view 1 at the point, positive = coarse embedding of view 2
+  there, negatives = view-2 coarse voxels farther than COARSE_POSITIVE_MM plus every coarse voxel
+  of the other volumes of the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from alice_ds.sam.crops import View, positive_pairs
+from alice_ds.sam.geometry import (index_to_world, sample_channels_first, scaled_affine,
+                                   world_to_index)
+from alice_ds.sam.network import COARSE_STRIDE
+
+TEMPERATURE = 0.5
+N_POSITIVES = 100
+N_CANDIDATES = 2000
+N_HARD = 500
+"""Reference SAM: 100 positives, 2000 negative candidates, the 500 hardest kept."""
+FINE_EXCLUDE_MM = 8.0
+"""Candidates closer than this to the positive are not negatives (two fine voxels at 4 mm)."""
+COARSE_POSITIVE_MM = 25.0
+"""Coarse voxels within this distance count as positives (not negatives), as in the reference."""
+
+
+def _info_nce(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Mean InfoNCE of positive logits [P] against negative logits [P, K] (-inf = excluded)."""
+    logits = torch.cat([pos[:, None], neg], 1) / TEMPERATURE  # [P, 1 + K]
+    return (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+
+
+def _coarse_world(view: View, shape) -> np.ndarray:
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    return index_to_world(scaled_affine(view.affine, [COARSE_STRIDE] * 3), ijk)
+
+
+def sam_loss(fine: torch.Tensor, coarse: torch.Tensor, pairs: list[tuple[View, View]],
+             rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """fine [2B, C, Xf, Yf, Zf], coarse [2B, C, Xc, Yc, Zc] for views ordered (a1, b1, a2, b2, ...)
+    of `pairs`. -> {"loss", "fine", "coarse"} (scalars; loss = fine + coarse)."""
+    fshape, cshape = fine.shape[2:], coarse.shape[2:]
+    coarse_flat = coarse.flatten(2).transpose(1, 2)  # [2B, C, Nc] -> [2B, Nc, C]
+    fine_losses, coarse_losses = [], []
+    for b, (v1, v2) in enumerate(pairs):
+        f1, f2, c1, c2 = fine[2 * b], fine[2 * b + 1], coarse[2 * b], coarse[2 * b + 1]
+        ijk1, ijk2 = positive_pairs(v1, v2, fshape, N_POSITIVES, rng)
+        if len(ijk1) == 0:
+            continue
+        world = index_to_world(v1.fine_affine, ijk1)  # [P, 3] mm
+        q = f1[:, ijk1[:, 0], ijk1[:, 1], ijk1[:, 2]].T  # [C, P] -> [P, C]
+        k_pos = _sample(f2, ijk2)
+        c1_aff = scaled_affine(v1.affine, [COARSE_STRIDE] * 3)
+        c2_aff = scaled_affine(v2.affine, [COARSE_STRIDE] * 3)
+        qc = _sample(c1, world_to_index(c1_aff, world))
+        kc_pos = _sample(c2, world_to_index(c2_aff, world))
+
+        # fine negatives: hardest candidates of view 2 by (fine + coarse) similarity
+        n_fine = int(np.prod(fshape))
+        cand = rng.choice(n_fine, size=min(N_CANDIDATES, n_fine), replace=False)
+        cand_ijk = np.stack(np.unravel_index(cand, tuple(fshape)), 1)
+        cand_world = index_to_world(v2.fine_affine, cand_ijk)
+        fc = f2.flatten(1)[:, torch.from_numpy(cand)].T  # [C, K] -> [K, C]
+        cc = _sample(c2, world_to_index(c2_aff, cand_world))
+        too_close = torch.from_numpy(np.linalg.norm(world[:, None] - cand_world[None], axis=2)
+                                     < FINE_EXCLUDE_MM)  # [P, K]
+        with torch.no_grad():
+            hardness = (q @ fc.T + qc @ cc.T).masked_fill(too_close, -float("inf"))
+            hard = hardness.topk(min(N_HARD, len(cand)), dim=1).indices  # [P, H]
+        neg = (q @ fc.T).masked_fill(too_close, -float("inf")).gather(1, hard)
+        fine_losses.append(_info_nce((q * k_pos).sum(1), neg))
+
+        # coarse negatives: far voxels of view 2 + all coarse voxels of the other volumes
+        near = np.linalg.norm(world[:, None] - _coarse_world(v2, cshape)[None], axis=2) < COARSE_POSITIVE_MM
+        own = (qc @ coarse_flat[2 * b + 1].T).masked_fill(torch.from_numpy(near), -float("inf"))
+        others = [coarse_flat[i] for i in range(len(coarse_flat)) if i // 2 != b]
+        neg_c = own if not others else torch.cat([own, qc @ torch.cat(others).T], 1)
+        coarse_losses.append(_info_nce((qc * kc_pos).sum(1), neg_c))
+    if not fine_losses:
+        raise RuntimeError("no view pair of this batch overlaps; views are too far apart")
+    lf, lc = torch.stack(fine_losses).mean(), torch.stack(coarse_losses).mean()
+    return {"loss": lf + lc, "fine": lf.detach(), "coarse": lc.detach()}
+
+
+def _sample(feat: torch.Tensor, ijk: np.ndarray) -> torch.Tensor:
+    """Trilinear embedding of one map [C, X, Y, Z] at continuous indices [P, 3] -> [P, C], unit norm."""
+    out = sample_channels_first(feat[None], torch.from_numpy(np.asarray(ijk, dtype=np.float32))[None])
+    return F.normalize(out[0], dim=1)

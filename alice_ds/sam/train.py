@@ -1,0 +1,256 @@
+"""`alice-ds sam-train`: self-supervised training of SAMNet on the preprocessed cache (DESIGN §5).
+
+Each step draws `batch_size` cases, two overlapping augmented views per case (crops.view_pair),
+runs both through the network in one batch and minimises the fine + coarse InfoNCE of loss.py.
+
+Output directory:
+```
+O/checkpoints/step_<N>/model.safetensors   weights (+ BatchNorm buffers)
+O/checkpoints/step_<N>/model.json          network config, step, model id
+O/checkpoints/step_<N>/optimizer.safetensors + state.json   AdamW moments, step, sampler RNG
+O/checkpoints/latest                       tag of the newest complete checkpoint (written last)
+O/sam.safetensors + O/sam.json             final weights for `alice-ds embed --sam_checkpoint`
+O/log.jsonl                                one JSON line per step (loss, fine, coarse, seconds)
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEFAULT_STEPS = 2000
+DEFAULT_BATCH = 2
+DEFAULT_ROI = 64
+DEFAULT_WIDTH = 0.25
+DEFAULT_LR = 1e-3
+DEFAULT_SAVE_EVERY = 200
+WEIGHT_DECAY = 1e-4
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache_dir", required=True, help="preprocessed cache (alice-ds preprocess)")
+    p.add_argument("--json_list", default=None,
+                   help="decathlon datalist; train only on the cases of its 'training' list "
+                        "(default: every cached case)")
+    p.add_argument("--output_dir", required=True, help="where checkpoints, final weights and log go")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps in total")
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH,
+                   help="volumes per step (two views each); other volumes are coarse negatives")
+    p.add_argument("--roi", type=int, default=DEFAULT_ROI,
+                   help="view edge in voxels of the 2 mm grid (x scale 0.8-1.2); multiple of 16")
+    p.add_argument("--width", type=float, default=DEFAULT_WIDTH,
+                   help="channel multiplier of SAMNet (1.0 = ResNet-18 widths)")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate (cosine decay)")
+    p.add_argument("--save_every", type=int, default=DEFAULT_SAVE_EVERY,
+                   help="checkpoint every N steps (and at the end)")
+    p.add_argument("--max_minutes", type=float, default=None,
+                   help="stop after this wall time, checkpoint and write final weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and view sampling")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT_DIR/checkpoints/latest (same settings)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def training_cases(cache_dir, json_list) -> list[str]:
+    """Case ids to train on: all cached cases, or those of the datalist's training split."""
+    from alice_ds.data.cache import list_cases
+    from alice_ds.errors import DataError, UserError
+
+    cached = list_cases(cache_dir)
+    if json_list is None:
+        chosen = cached
+    else:
+        try:
+            entries = json.loads(Path(json_list).read_text())["training"]
+            ids = [Path(e["image"]).name for e in entries]
+        except FileNotFoundError:
+            raise DataError(json_list, "datalist not found") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(json_list, f"not a decathlon datalist with a 'training' list ({e})") from None
+        chosen = [i.removesuffix(".gz").removesuffix(".nii") for i in ids]
+        missing = sorted(set(chosen) - set(cached))
+        if missing:
+            raise DataError(cache_dir, f"{len(missing)} training case(s) of {json_list} are not "
+                                       f"cached, e.g. {missing[0]!r} (run alice-ds preprocess)")
+    if not chosen:
+        raise UserError(f"{cache_dir}: no cached cases to train on")
+    return chosen
+
+
+def save_model(model, path: Path, step: int) -> str:
+    """Weights + JSON sidecar (same stem). Returns the model id (config + content hash), which
+    `embed` writes into every embedding file so stale embeddings are recognisable."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    digest = hashlib.sha256()
+    for k in sorted(state):
+        digest.update(k.encode())
+        digest.update(state[k].numpy().tobytes())
+    model_id = f"samnet-w{model.width:g}-step{step}-{digest.hexdigest()[:12]}"
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps({**model.config(), "step": step,
+                                                     "model_id": model_id}, indent=2))
+    return model_id
+
+
+def load_model(path, device="cpu"):
+    """SAMNet from `<name>.safetensors` + `<name>.json` (as written by save_model), in eval mode.
+    -> (model, model_id)."""
+    from safetensors.torch import load_file
+
+    from alice_ds.errors import DataError
+    from alice_ds.sam.network import SAMNet
+
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if not path.is_file():
+        raise DataError(path, "SAM checkpoint not found (alice-ds sam-train writes OUTPUT_DIR/sam.safetensors)")
+    try:
+        cfg = json.loads(sidecar.read_text())
+        model = SAMNet(width=float(cfg["width"]))
+        model.load_state_dict(load_file(str(path)))
+    except FileNotFoundError:
+        raise DataError(sidecar, "SAM checkpoint config (JSON sidecar) not found") from None
+    except (json.JSONDecodeError, KeyError, RuntimeError, ValueError) as e:
+        raise DataError(path, f"cannot load SAM checkpoint ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg["model_id"]
+
+
+def _save_optimizer(opt, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": torch_tensor(v) for i, st in sd["state"].items() for k, v in st.items()}
+    save_file(tensors, str(path), metadata={"param_groups": json.dumps(sd["param_groups"])})
+
+
+def torch_tensor(v):
+    import torch
+
+    return v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+
+
+def _load_optimizer(opt, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+        state: dict = {}
+        for key in f.keys():
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = f.get_tensor(key)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(out: Path, model, opt, step: int, rng, settings: dict) -> Path:
+    tag = f"step_{step}"
+    d = out / "checkpoints" / tag
+    d.mkdir(parents=True, exist_ok=True)
+    save_model(model, d / "model.safetensors", step)
+    _save_optimizer(opt, d / "optimizer.safetensors")
+    (d / "state.json").write_text(json.dumps({"step": step, "rng": rng.bit_generator.state,
+                                              "settings": settings}, indent=2))
+    (out / "checkpoints" / "latest.tmp").write_text(tag)
+    (out / "checkpoints" / "latest.tmp").replace(out / "checkpoints" / "latest")
+    return d
+
+
+def run(args) -> int:
+    import math
+    import time
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from alice_ds.console import console, progress
+    from alice_ds.data.cache import open_case
+    from alice_ds.errors import DataError, UserError
+    from alice_ds.sam.crops import view_pair
+    from alice_ds.sam.loss import sam_loss
+    from alice_ds.sam.network import COARSE_STRIDE, SAMNet, scale_hu
+
+    if args.roi % COARSE_STRIDE or args.roi < 2 * COARSE_STRIDE:
+        raise UserError(f"--roi must be a multiple of {COARSE_STRIDE} and >= {2 * COARSE_STRIDE}, got {args.roi}")
+    for name in ("steps", "batch_size", "save_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    case_ids = training_cases(args.cache_dir, args.json_list)
+    cases = [open_case(args.cache_dir, c) for c in case_ids]
+    settings = {"roi": args.roi, "width": args.width, "batch_size": args.batch_size, "lr": args.lr,
+                "steps": args.steps, "seed": args.seed, "cases": case_ids}
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    model = SAMNet(width=args.width).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
+    step = 0
+    if args.resume:
+        latest = out / "checkpoints" / "latest"
+        if not latest.is_file():
+            raise DataError(latest, "no checkpoint to resume from")
+        d = out / "checkpoints" / latest.read_text().strip()
+        state = json.loads((d / "state.json").read_text())
+        if state["settings"]["width"] != args.width:
+            raise UserError(f"--width {args.width} differs from the checkpoint's {state['settings']['width']}")
+        model.load_state_dict(load_file(str(d / "model.safetensors")))
+        _load_optimizer(opt, d / "optimizer.safetensors")
+        rng.bit_generator.state = state["rng"]
+        step = state["step"]
+        console.print(f"resumed from {d} at step {step}")
+    console.print(f"sam-train: {len(cases)} cases, batch {args.batch_size} x 2 views of "
+                  f"{args.roi}^3 at 2 mm, width {args.width}, "
+                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, {device}")
+
+    def lr_at(s: int) -> float:  # cosine decay to 0 over --steps; a pure function of the step
+        return args.lr * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+
+    model.train()
+    start = time.time()
+    log = (out / "log.jsonl").open("a")
+    with progress() as bar:
+        task = bar.add_task("sam-train", total=args.steps, completed=step)
+        while step < args.steps:
+            t0 = time.time()
+            # sample: B cases, two views each, ordered (a1, b1, a2, b2, ...)
+            pairs = [view_pair(c.array, c.affine, args.roi, rng)
+                     for c in (cases[i] for i in rng.integers(0, len(cases), args.batch_size))]
+            x = torch.stack([scale_hu(v.hu) for pair in pairs for v in pair])[:, None].to(device)
+            # forward + loss
+            fine, coarse = model(x)
+            losses = sam_loss(fine.cpu() if device.type != "cpu" else fine,
+                              coarse.cpu() if device.type != "cpu" else coarse, pairs, rng)
+            # backward + step
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            step += 1
+            # log
+            rec = {"step": step, **{k: round(float(v.detach()), 5) for k, v in losses.items()},
+                   "lr": lr_at(step - 1), "seconds": round(time.time() - t0, 3)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.update(task, advance=1, description=f"sam-train loss {rec['loss']:.3f}")
+            out_of_time = args.max_minutes is not None and time.time() - start > args.max_minutes * 60
+            if step % args.save_every == 0 or step == args.steps or out_of_time:
+                save_checkpoint(out, model, opt, step, rng, settings)
+            if out_of_time:
+                console.print(f"stopping at step {step}: --max_minutes {args.max_minutes} reached")
+                break
+    log.close()
+    model_id = save_model(model, out / "sam.safetensors", step)
+    console.print(f"wrote {out / 'sam.safetensors'} ({model_id}) after {step} steps, "
+                  f"{time.time() - start:.0f} s")
+    return 0
