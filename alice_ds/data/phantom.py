@@ -1,0 +1,683 @@
+"""Synthetic abdominal/thoracic CT phantoms: the built-in dataset and the test fixture.
+
+The anatomy is defined once in an *atlas frame* (mm, RAS+ as in nibabel: x grows towards the
+patient's Right, y towards Anterior, z towards Superior; z = 0 at the lower pelvis, the spine on the
+posterior midline). Each subject maps world mm to atlas mm with a per-axis scale, a translation and a smooth
+random deformation made of sums of 1D sinusoids (separable, so evaluating it over a voxel grid costs
+three broadcasts, and it can be inverted exactly by fixed-point iteration for the landmarks).
+Structures are evaluated only inside their conservative voxel bounding box, so a 256x256x150 case
+takes about a second.
+
+Between subjects: body size, fat thickness, organ position/size, smooth deformation, contrast phase,
+noise, voxel spacing, z field of view (cases cover different, partly overlapping body ranges) and the
+storage orientation (RAS, LPS or LAS, with the matching affine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+LABELS: dict[str, int] = {
+    "liver": 1, "kidney_right": 2, "spleen": 3, "aorta": 4, "ivc": 5, "stomach": 6,
+    "kidney_left": 7, "lung_right": 8, "lung_left": 9, "heart": 10, "vertebrae": 11, "ribs": 12,
+    "pelvis": 13, "bladder": 14, "bowel": 15, "gallbladder": 16,
+}
+"""Organ label values in `labelsTr/*.nii.gz` (0 = background / unlabeled tissue)."""
+
+ATLAS_Z_TOP = 660.0
+"""Top of the modelled body range in atlas mm (lung apices); 0 is the lower pelvis."""
+
+AIR_HU = -1000.0
+
+# Vertebral levels, bottom to top: (name, atlas z of the body centre in mm). Lumbar levels are 36 mm
+# apart, thoracic 27 mm (adult averages); S1-S2 are fused (no discs).
+_LEVEL_NAMES = ["S2", "S1", "L5", "L4", "L3", "L2", "L1"] + [f"T{i}" for i in range(12, 0, -1)]
+_LEVEL_Z = np.array([86.0, 116.0, 150.0, 186.0, 222.0, 258.0, 294.0]
+                    + [326.0 + 27.0 * i for i in range(12)])
+_LEVEL_RADIUS = np.array([15.0, 19.0, 23.0, 23.0, 22.0, 21.0, 20.0]
+                         + list(np.linspace(19.0, 14.0, 12)))
+_LEVEL_Y = np.array([-60.0, -52.0] + [-43.0] * 17)
+"""Vertebral body centre y (mm); the sacrum tilts posteriorly."""
+_FUSED_LEVELS = 2
+_BODY_HEIGHT_FRACTION = 0.76
+"""Fraction of the level spacing taken by the vertebral body; the rest is the disc."""
+_THORACIC_STEP = 27.0
+_T12_INDEX = _LEVEL_NAMES.index("T12")
+
+# Body outline (atlas z -> semi-axes in mm): wide pelvis, abdomen, chest narrowing to the apex.
+_BODY_Z = np.array([0.0, 100.0, 200.0, 300.0, 400.0, 480.0, 560.0, 660.0])
+_BODY_RX = np.array([165.0, 165.0, 150.0, 148.0, 150.0, 152.0, 148.0, 132.0])
+_BODY_RY = np.array([105.0, 110.0, 108.0, 108.0, 114.0, 120.0, 116.0, 102.0])
+_SKIN_MM = 2.0
+_BACK_FLATTENING = 0.95
+_SPINOUS_MM = 20.0
+
+# Aorta centre line (atlas z -> x, y) from the bifurcation to the arch, and its radius.
+_AORTA_Z = np.array([190.0, 300.0, 420.0, 480.0, 575.0])
+_AORTA_X = np.array([-10.0, -12.0, -18.0, -28.0, -30.0])
+_AORTA_Y = np.array([-6.0, -7.0, -14.0, -26.0, -28.0])
+_AORTA_R = np.array([9.0, 10.5, 11.5, 12.0, 12.5])
+_IVC = dict(x=24.0, y=-6.0, r=11.0, z0=180.0, z1=485.0)
+_ILIAC_END = dict(x=58.0, y=0.0, z=95.0, r=6.0)
+
+# Contrast phases: HU of the blood pool and of enhancing organs.
+PHASES: dict[str, dict[str, float]] = {
+    "non_contrast": dict(aorta=42, ivc=40, heart_blood=42, liver=58, spleen=48, kidney_cortex=32,
+                         kidney_medulla=30),
+    "arterial": dict(aorta=290, ivc=70, heart_blood=260, liver=72, spleen=125, kidney_cortex=185,
+                     kidney_medulla=75),
+    "portal_venous": dict(aorta=165, ivc=150, heart_blood=150, liver=112, spleen=118,
+                          kidney_cortex=165, kidney_medulla=150),
+}
+TISSUE_HU = dict(skin=35, subcutaneous_fat=-105, muscle=52, visceral_fat=-92, lung=-855,
+                 myocardium=85, bile=8, urine=10, stomach_wall=45, stomach_fluid=15, gas=-950,
+                 bowel_wall=45, bowel_content=22, cortical_bone=750, cancellous_bone=230,
+                 rib=480, disc=90, csf=12, pelvis_bone=420)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Acquisition ranges of one dataset flavour (all in mm unless noted)."""
+
+    matrix: int
+    """In-plane voxels per axis."""
+    inplane_mm: tuple[float, float]
+    slice_mm: tuple[float, float]
+    noise_hu: tuple[float, float]
+    """Standard deviation of the white noise (HU); coarser voxels average it down."""
+
+
+FULL = Profile(matrix=512, inplane_mm=(0.7, 0.9), slice_mm=(1.5, 5.0), noise_hu=(10.0, 28.0))
+SMALL = Profile(matrix=128, inplane_mm=(2.8, 3.4), slice_mm=(4.0, 6.0), noise_hu=(4.0, 10.0))
+"""Fast test cases: same anatomy in mm, ~3 mm in-plane voxels (the in-plane FOV stays 360-435 mm)."""
+
+_ORIENTATIONS = ("RAS", "LPS", "RAS", "LAS")
+"""Storage orientation by case index: every dataset of 2+ cases has non-RAS files."""
+
+
+def _smooth_fn(rng: np.random.Generator, amplitude: float, wavelengths: tuple[float, float],
+               modes: int = 3):
+    """A random smooth 1D function (mm -> mm), |f| <= amplitude; sum of `modes` sinusoids."""
+    lam = rng.uniform(*wavelengths, modes)
+    phase = rng.uniform(0.0, 2 * math.pi, modes)
+    amp = rng.normal(size=modes)
+    amp *= amplitude / np.abs(amp).sum()
+
+    def f(t):
+        t = np.asarray(t, dtype=np.float64)
+        return sum(a * np.sin(2 * math.pi * t / l + p) for a, l, p in zip(amp, lam, phase))
+
+    return f
+
+
+@dataclass
+class _Organ:
+    """An ellipsoid organ in atlas mm (centre and semi-axes already varied for this subject)."""
+
+    center: np.ndarray
+    radii: np.ndarray
+
+    def lo(self):
+        return self.center - self.radii
+
+    def hi(self):
+        return self.center + self.radii
+
+
+@dataclass
+class Subject:
+    """Everything random about one phantom case (drawn from the case's own generator)."""
+
+    scale: np.ndarray            # world mm per atlas mm, per axis
+    origin: np.ndarray           # world mm of the atlas origin
+    fat_mm: float
+    muscle_mm: float
+    phase: str
+    noise_hu: float
+    spacing: np.ndarray          # voxel size (mm) x, y, z
+    shape: tuple[int, int, int]
+    grid_origin: np.ndarray      # world mm of voxel (0, 0, 0) in the RAS generation grid
+    z_range: tuple[float, float]  # atlas z covered by the field of view
+    orientation: str
+    deform: dict = field(default_factory=dict)
+    organs: dict = field(default_factory=dict)
+    hu_jitter: float = 1.0
+
+
+def _draw_subject(rng: np.random.Generator, profile: Profile, index: int) -> Subject:
+    s_xy = rng.uniform(0.86, 1.10)
+    scale = np.array([s_xy * rng.uniform(0.97, 1.03), s_xy * rng.uniform(0.95, 1.05), rng.uniform(0.9, 1.1)])
+    # Field of view along z: a 260-400 mm (atlas) slab anywhere in the body range.
+    length = rng.uniform(260.0, 400.0)
+    z0 = rng.uniform(0.0, ATLAS_Z_TOP - length)
+    inplane = rng.uniform(*profile.inplane_mm)
+    dz = rng.uniform(*profile.slice_mm)
+    spacing = np.array([inplane, inplane, dz])
+    nz = int(math.ceil(length * scale[2] / dz))
+    shape = (profile.matrix, profile.matrix, nz)
+    # World frame: scanner coordinates with the table centre near x = y = 0 and an arbitrary z.
+    origin = np.array([rng.normal(0.0, 8.0), rng.normal(-10.0, 8.0), rng.uniform(-900.0, -300.0)])
+    fov = spacing * (np.array(shape) - 1)
+    grid_origin = np.array([-fov[0] / 2, -fov[1] / 2, origin[2] + z0 * scale[2]])
+    deform = {
+        "xx": _smooth_fn(rng, 4.0, (150.0, 500.0)), "xy": _smooth_fn(rng, 4.0, (150.0, 500.0)),
+        "xz": _smooth_fn(rng, 7.0, (200.0, 600.0)), "yx": _smooth_fn(rng, 4.0, (150.0, 500.0)),
+        "yy": _smooth_fn(rng, 4.0, (150.0, 500.0)), "yz": _smooth_fn(rng, 8.0, (200.0, 600.0)),
+        "zz": _smooth_fn(rng, 8.0, (250.0, 600.0)),
+    }
+    deform["bound"] = {"x": 15.0, "y": 16.0, "z": 8.0}
+    organs = {}
+    for name, (c, r) in _ORGANS.items():
+        organs[name] = _Organ(np.array(c) + np.clip(rng.normal(0.0, 4.5, 3), -9, 9),
+                              np.array(r) * rng.uniform(0.88, 1.12, 3))
+    lo, hi = profile.noise_hu
+    return Subject(scale=scale, origin=origin, fat_mm=rng.uniform(8.0, 35.0), muscle_mm=rng.uniform(9.0, 15.0),
+                   phase=str(rng.choice(list(PHASES))), noise_hu=rng.uniform(lo, hi), spacing=spacing,
+                   shape=shape, grid_origin=grid_origin, z_range=(z0, z0 + length),
+                   orientation=_ORIENTATIONS[index % len(_ORIENTATIONS)], deform=deform, organs=organs,
+                   hu_jitter=rng.uniform(0.92, 1.08))
+
+
+# Ellipsoid organs: atlas centre (x, y, z) and semi-axes (mm).
+_ORGANS = {
+    "liver": ((62.0, 5.0, 420.0), (68.0, 80.0, 72.0)),
+    "gallbladder": ((42.0, 58.0, 372.0), (15.0, 15.0, 28.0)),
+    "spleen": ((-88.0, -35.0, 425.0), (24.0, 45.0, 50.0)),
+    "kidney_right": ((72.0, -42.0, 268.0), (27.0, 24.0, 55.0)),
+    "kidney_left": ((-72.0, -42.0, 284.0), (27.0, 24.0, 55.0)),
+    "stomach": ((-48.0, 38.0, 428.0), (42.0, 32.0, 48.0)),
+    "bladder": ((0.0, 55.0, 58.0), (40.0, 32.0, 30.0)),
+    "heart": ((-15.0, 35.0, 532.0), (55.0, 45.0, 48.0)),
+}
+
+
+class _Grid:
+    """World <-> atlas mapping of one subject on its RAS voxel grid (separable 1D terms)."""
+
+    def __init__(self, sub: Subject):
+        self.sub = sub
+        d = sub.deform
+        self.axes = [sub.grid_origin[a] + sub.spacing[a] * np.arange(sub.shape[a]) for a in range(3)]
+        x, y, z = self.axes
+        sx, sy, sz = sub.scale
+        ox, oy, oz = sub.origin
+        # q_x = (x - ox)/sx + f_xx(x) + f_xy(y) + f_xz(z); likewise q_y; q_z depends on z only.
+        self.qx_terms = ((x - ox) / sx + d["xx"](x), d["xy"](y), d["xz"](z))
+        self.qy_terms = (d["yx"](x), (y - oy) / sy + d["yy"](y), d["yz"](z))
+        self.qz = (z - oz) / sz + d["zz"](z)
+
+    def box(self, lo, hi):
+        """Voxel slices that surely contain every voxel whose atlas point lies in [lo, hi]."""
+        sub, b = self.sub, self.sub.deform["bound"]
+        out = []
+        for a, key in enumerate("xy"):
+            w_lo = sub.origin[a] + sub.scale[a] * (lo[a] - b[key])
+            w_hi = sub.origin[a] + sub.scale[a] * (hi[a] + b[key])
+            i0 = int(math.floor((w_lo - sub.grid_origin[a]) / sub.spacing[a]))
+            i1 = int(math.ceil((w_hi - sub.grid_origin[a]) / sub.spacing[a])) + 1
+            out.append(slice(max(i0, 0), max(min(i1, sub.shape[a]), 0)))
+        k0 = int(np.searchsorted(self.qz, lo[2], side="left"))
+        k1 = int(np.searchsorted(self.qz, hi[2], side="right"))
+        out.append(slice(max(k0 - 1, 0), min(k1 + 1, sub.shape[2])))
+        return tuple(out)
+
+    def q(self, sl):
+        """Atlas coordinates over a box: QX, QY `[nx, ny, nz]` float32 and QZ `[1, 1, nz]`."""
+        sx, sy, sz = sl
+        a, b, c = self.qx_terms
+        qx = (a[sx, None, None] + b[None, sy, None] + c[None, None, sz]).astype(np.float32)
+        a, b, c = self.qy_terms
+        qy = (a[sx, None, None] + b[None, sy, None] + c[None, None, sz]).astype(np.float32)
+        qz = self.qz[sz].astype(np.float32)[None, None, :]
+        return qx, qy, qz
+
+    def q_at(self, idx):
+        """Atlas coordinates `[N]` x3 at voxel index arrays `idx = (i, j, k)`."""
+        i, j, k = idx
+        a, b, c = self.qx_terms
+        qx = a[i] + b[j] + c[k]
+        a, b, c = self.qy_terms
+        qy = a[i] + b[j] + c[k]
+        return qx, qy, self.qz[k]
+
+    def atlas_to_world(self, q) -> np.ndarray:
+        """Invert the subject map for atlas points `[P, 3]` -> world mm `[P, 3]` (fixed point; the
+        deformation's slope is < 0.3, so 40 iterations converge far below a micrometre)."""
+        sub, d = self.sub, self.sub.deform
+        q = np.asarray(q, dtype=np.float64).reshape(-1, 3)
+        p = sub.origin + sub.scale * q
+        for _ in range(40):
+            x, y, z = p[:, 0], p[:, 1], p[:, 2]
+            p = np.stack([
+                sub.origin[0] + sub.scale[0] * (q[:, 0] - d["xx"](x) - d["xy"](y) - d["xz"](z)),
+                sub.origin[1] + sub.scale[1] * (q[:, 1] - d["yx"](x) - d["yy"](y) - d["yz"](z)),
+                sub.origin[2] + sub.scale[2] * (q[:, 2] - d["zz"](z)),
+            ], axis=1)
+        return p
+
+
+@dataclass
+class PhantomCase:
+    """One generated case in its *storage* orientation (the affine maps voxels to RAS world mm)."""
+
+    case_id: str
+    image: np.ndarray      # int16 HU [X, Y, Z]
+    label: np.ndarray      # uint8 [X, Y, Z], values of LABELS
+    affine: np.ndarray     # 4x4 float64
+    landmarks: dict        # name -> [x, y, z] world mm (inside the field of view only)
+    info: dict
+
+
+class _Painter:
+    def __init__(self, grid: _Grid):
+        self.grid = grid
+        shape = grid.sub.shape
+        self.hu = np.full(shape, AIR_HU, dtype=np.float32)
+        self.label = np.zeros(shape, dtype=np.uint8)
+        self.cavity = np.zeros(shape, dtype=bool)
+        self.depth = np.full(shape, -1.0, dtype=np.float32)
+        """Depth below the skin in atlas mm (negative outside the body)."""
+
+    def put(self, sl, mask, hu, label=None):
+        h = self.hu[sl]
+        h[mask] = hu if np.isscalar(hu) else hu[mask]
+        if label is not None:
+            self.label[sl][mask] = label
+
+
+def _ellipsoid(q, organ: _Organ):
+    qx, qy, qz = q
+    c, r = organ.center, organ.radii
+    return ((qx - c[0]) / r[0]) ** 2 + ((qy - c[1]) / r[1]) ** 2 + ((qz - c[2]) / r[2]) ** 2
+
+
+def _dome(qx, qy):
+    """Atlas z of the diaphragm under each lung: domes peaking at 495 mm (right) and 480 mm (left),
+    lower towards the sides and the back (posterior costophrenic recesses)."""
+    right = 495.0 - 50.0 * ((qx - 60.0) / 90.0) ** 2 - 40.0 * (qy / 90.0) ** 2
+    left = 480.0 - 50.0 * ((qx + 60.0) / 90.0) ** 2 - 40.0 * (qy / 90.0) ** 2
+    return np.where(qx > 0, right, left)
+
+
+def _render(sub: Subject, rng: np.random.Generator):
+    grid = _Grid(sub)
+    pt = _Painter(grid)
+    phase = {k: v * sub.hu_jitter for k, v in PHASES[sub.phase].items()}
+    T = TISSUE_HU
+    full = tuple(slice(0, n) for n in sub.shape)
+
+    # Body wall: skin, subcutaneous fat, muscle; the cavity inside is visceral fat until filled.
+    qx, qy, qz = grid.q(full)
+    rx = np.interp(qz, _BODY_Z, _BODY_RX).astype(np.float32)
+    ry = np.interp(qz, _BODY_Z, _BODY_RY).astype(np.float32)
+    ry_here = np.where(qy < 0, ry * np.float32(_BACK_FLATTENING), ry)  # the patient lies on the table
+    r = np.sqrt((qx / rx) ** 2 + (qy / ry_here) ** 2)
+    depth = (1.0 - r) * (rx + ry) * np.float32(0.5)
+    del r, ry_here
+    pt.depth = depth
+    body = depth > 0
+    pt.hu[body] = T["skin"]
+    pt.hu[depth > _SKIN_MM] = T["subcutaneous_fat"]
+    wall = sub.fat_mm + sub.muscle_mm
+    pt.hu[(depth > sub.fat_mm) & (depth <= wall)] = T["muscle"]
+    pt.cavity = depth > wall
+    pt.hu[pt.cavity] = T["visceral_fat"]
+    del qx, qy, body
+
+    # Paraspinal muscles (whole spine) and psoas (lumbar, widening caudally).
+    sl = grid.box((-70, -115, 40), (70, -20, ATLAS_Z_TOP))
+    qx, qy, qz = grid.q(sl)
+    para = ((np.abs(qx) - 36.0) / 22.0) ** 2 + ((qy + 82.0) / 17.0) ** 2 < 1.0
+    psoas_r = np.clip(np.interp(qz, [130.0, 300.0], [22.0, 7.0]), 0, None) * (qz < 305)
+    psoas = (np.abs(qx) - 42.0) ** 2 + (qy + 35.0) ** 2 < psoas_r ** 2
+    pt.put(sl, (para | psoas) & (pt.depth[sl] > 0), T["muscle"])
+
+    def organ_box(name, pad=0.0):
+        o = sub.organs[name]
+        s = grid.box(o.lo() - pad, o.hi() + pad)
+        return s, grid.q(s), o
+
+    # Liver (below the right dome) and gallbladder.
+    sl, q, o = organ_box("liver")
+    m = (_ellipsoid(q, o) < 1) & (q[2] < _dome(q[0], q[1]) - 4) & pt.cavity[sl]
+    pt.put(sl, m, phase["liver"], LABELS["liver"])
+    sl, q, o = organ_box("gallbladder")
+    pt.put(sl, (_ellipsoid(q, o) < 1) & pt.cavity[sl], T["bile"], LABELS["gallbladder"])
+    # Spleen (below the left dome).
+    sl, q, o = organ_box("spleen")
+    m = (_ellipsoid(q, o) < 1) & (q[2] < _dome(q[0], q[1]) - 4) & pt.cavity[sl]
+    pt.put(sl, m, phase["spleen"], LABELS["spleen"])
+    # Kidneys: enhancing cortex around the medulla (cortico-medullary contrast in the arterial phase).
+    for side in ("right", "left"):
+        sl, q, o = organ_box(f"kidney_{side}")
+        e = _ellipsoid(q, o)
+        m = (e < 1) & pt.cavity[sl]
+        pt.put(sl, m, phase["kidney_cortex"], LABELS[f"kidney_{side}"])
+        pt.put(sl, m & (e < 0.55), phase["kidney_medulla"])
+    # Stomach: wall, fluid, and gas rising anteriorly (the patient is supine).
+    sl, q, o = organ_box("stomach")
+    e = _ellipsoid(q, o)
+    m = (e < 1) & (q[2] < _dome(q[0], q[1]) - 4) & pt.cavity[sl]
+    pt.put(sl, m, T["stomach_wall"], LABELS["stomach"])
+    lumen = m & (e < 0.8)
+    pt.put(sl, lumen, T["stomach_fluid"])
+    pt.put(sl, lumen & (q[1] > o.center[1] + 0.3 * o.radii[1]), T["gas"])
+    # Bladder.
+    sl, q, o = organ_box("bladder")
+    e = _ellipsoid(q, o)
+    m = (e < 1) & pt.cavity[sl]
+    pt.put(sl, m, T["stomach_wall"], LABELS["bladder"])
+    pt.put(sl, m & (e < 0.8), T["urine"])
+    # Heart: myocardium around the blood pool.
+    sl, q, o = organ_box("heart")
+    e = _ellipsoid(q, o)
+    m = (e < 1) & pt.cavity[sl]
+    pt.put(sl, m, T["myocardium"], LABELS["heart"])
+    pt.put(sl, m & (e < 0.6), phase["heart_blood"])
+
+    _vessels(grid, pt, phase)
+    _bowel(grid, pt, rng)
+    _lungs(grid, pt)
+    _spine(grid, pt)
+    _ribs(grid, pt, sub)
+    _pelvis(grid, pt, sub)
+
+    noise = rng.standard_normal(sub.shape, dtype=np.float32)
+    noise *= np.float32(sub.noise_hu)
+    pt.hu += noise
+    image = np.clip(np.rint(pt.hu), -1024, 3071).astype(np.int16)
+    return grid, image, pt.label
+
+
+def _tube(qx, qy, cx, cy, r):
+    return (qx - cx) ** 2 + (qy - cy) ** 2 < r ** 2
+
+
+def _vessels(grid: _Grid, pt: _Painter, phase: dict) -> None:
+    # Aorta along its centre line (x, y, r interpolated per slice), capped at the arch.
+    sl = grid.box((-60, -70, _AORTA_Z[0]), (20, 10, _AORTA_Z[-1]))
+    qx, qy, qz = grid.q(sl)
+    inside = (qz >= _AORTA_Z[0]) & (qz <= _AORTA_Z[-1])
+    m = _tube(qx, qy, np.interp(qz, _AORTA_Z, _AORTA_X), np.interp(qz, _AORTA_Z, _AORTA_Y),
+              np.interp(qz, _AORTA_Z, _AORTA_R)) & inside
+    pt.put(sl, m & (pt.depth[sl] > 0), phase["aorta"], LABELS["aorta"])
+    # Common iliac arteries from the bifurcation to the pelvis.
+    e = _ILIAC_END
+    sl = grid.box((-e["x"] - 15, -40, e["z"]), (e["x"] + 15, 10, _AORTA_Z[0]))
+    qx, qy, qz = grid.q(sl)
+    t = np.clip((_AORTA_Z[0] - qz) / (_AORTA_Z[0] - e["z"]), 0, 1)
+    inside = (qz >= e["z"]) & (qz <= _AORTA_Z[0])
+    for sign in (-1.0, 1.0):
+        cx = _AORTA_X[0] + t * (sign * e["x"] - _AORTA_X[0])
+        cy = _AORTA_Y[0] + t * (e["y"] - _AORTA_Y[0])
+        pt.put(sl, _tube(qx, qy, cx, cy, e["r"]) & inside & (pt.depth[sl] > 0), phase["aorta"], LABELS["aorta"])
+    # Inferior vena cava, right of the aorta, up into the right atrium.
+    v = _IVC
+    sl = grid.box((v["x"] - v["r"], v["y"] - v["r"], v["z0"]), (v["x"] + v["r"], v["y"] + v["r"], v["z1"]))
+    qx, qy, qz = grid.q(sl)
+    m = _tube(qx, qy, v["x"], v["y"], v["r"]) & (qz >= v["z0"]) & (qz <= v["z1"]) & (pt.depth[sl] > 0)
+    pt.put(sl, m, phase["ivc"], LABELS["ivc"])
+
+
+_BOWEL_Z = (40.0, 365.0)
+_BOWEL_GRID_MM = 9.0
+"""Spacing of the random field whose level sets form the bowel loops (loops are ~15-25 mm wide)."""
+
+
+def _bowel(grid: _Grid, pt: _Painter, rng: np.random.Generator) -> None:
+    """Small bowel and colon: the unfilled abdominal cavity becomes loops (wall, fluid, gas) and
+    mesenteric fat, drawn from a smooth random field in atlas mm (so it scales with the subject)."""
+    from scipy import ndimage
+
+    sl = grid.box((-170, -60, _BOWEL_Z[0]), (170, 130, _BOWEL_Z[1]))
+    qz = grid.q(sl)[2]
+    free = pt.cavity[sl] & (pt.label[sl] == 0) & (qz >= _BOWEL_Z[0]) & (qz <= _BOWEL_Z[1])
+    idx = np.nonzero(free)
+    if idx[0].size == 0:
+        return
+    gidx = tuple(i + s.start for i, s in zip(idx, sl))
+    qx, qy, qz = grid.q_at(gidx)
+    keep = qy > -60.0  # loops stay anterior to the kidneys and the spine
+    lo = np.array([-170.0, -60.0, _BOWEL_Z[0]])
+    dims = np.ceil((np.array([170.0, 130.0, _BOWEL_Z[1]]) - lo) / _BOWEL_GRID_MM).astype(int) + 2
+    coords = np.stack([(qx - lo[0]), (qy - lo[1]), (qz - lo[2])]) / _BOWEL_GRID_MM
+    fields = []
+    for sigma in (1.0, 1.5):
+        f = ndimage.gaussian_filter(rng.standard_normal(tuple(dims)), sigma)
+        f /= f.std()
+        fields.append(ndimage.map_coordinates(f, coords, order=1, mode="nearest"))
+    loop, gas = fields
+    wall = keep & (np.abs(loop - 0.2) < 0.18)
+    lumen = keep & (loop > 0.2) & ~wall
+    hu = pt.hu[sl]
+    lab = pt.label[sl]
+    sel = tuple(i[wall] for i in idx)
+    hu[sel] = TISSUE_HU["bowel_wall"]
+    lab[sel] = LABELS["bowel"]
+    sel = tuple(i[lumen] for i in idx)
+    hu[sel] = np.where(gas[lumen] > 0.6, TISSUE_HU["gas"], TISSUE_HU["bowel_content"])
+    lab[sel] = LABELS["bowel"]
+
+
+def _lungs(grid: _Grid, pt: _Painter) -> None:
+    """Lungs fill the free thoracic cavity above the diaphragm, except the mediastinum."""
+    sl = grid.box((-170, -130, 370), (170, 130, ATLAS_Z_TOP))
+    qx, qy, qz = grid.q(sl)
+    mediastinum = (np.abs(qx + 8.0) < 32.0) & (qy > -75.0)
+    m = pt.cavity[sl] & (pt.label[sl] == 0) & (qz > _dome(qx, qy)) & ~mediastinum
+    pt.put(sl, m & (qx > 0), TISSUE_HU["lung"], LABELS["lung_right"])
+    pt.put(sl, m & (qx <= 0), TISSUE_HU["lung"], LABELS["lung_left"])
+
+
+def _spine(grid: _Grid, pt: _Painter) -> None:
+    """Vertebral bodies (cortical shell, cancellous core), discs, posterior arch, spinous and
+    transverse processes, and the canal. Levels differ in radius and spacing along z, so the spine is
+    a ruler that tells the level of every slice."""
+    T = TISSUE_HU
+    sl = grid.box((-75, -135, 0), (75, -10, ATLAS_Z_TOP))
+    qx, qy, qz = grid.q(sl)
+    z = qz[0, 0]
+    lvl = np.abs(z[:, None] - _LEVEL_Z[None, :]).argmin(axis=1)        # nearest level per slice
+    dz = (z - _LEVEL_Z[lvl])[None, None, :]
+    step = np.where(lvl < _T12_INDEX, 36.0, _THORACIC_STEP)[None, None, :]
+    rad = _LEVEL_RADIUS[lvl][None, None, :]
+    yc = _LEVEL_Y[lvl][None, None, :]
+    in_range = ((z > _LEVEL_Z[0] - 20) & (z < _LEVEL_Z[-1] + 15))[None, None, :]
+    fused = (lvl < _FUSED_LEVELS)[None, None, :]
+    half = _BODY_HEIGHT_FRACTION * step / 2
+    rr = np.sqrt(qx ** 2 + (qy - yc) ** 2)
+    disc = in_range & (rr < rad) & (np.abs(dz) >= half) & ~fused
+    vbody = in_range & (rr < rad) & ((np.abs(dz) < half) | fused)
+    shell = vbody & ((rr > rad - 2.5) | (np.abs(dz) > half - 2.0) & ~fused)
+    canal_r = np.where(lvl < _T12_INDEX, 10.0, 8.0)[None, None, :]
+    cy = yc - rad - canal_r + 1.0
+    rc = np.sqrt(qx ** 2 + (qy - cy) ** 2)
+    arch = in_range & (rc >= canal_r) & (rc < canal_r + 6.0) & (qy < yc - rad + 2) & (np.abs(dz) < 0.42 * step)
+    spinous = in_range & (np.abs(qx) < 4.0) & (qy < cy - canal_r) & (qy > cy - canal_r - _SPINOUS_MM) \
+        & (np.abs(dz + 0.12 * step) < 0.3 * step)
+    tp_len = np.where(lvl < _T12_INDEX, 45.0, 30.0)[None, None, :]
+    transverse = in_range & (np.abs(qy - cy) < 5.0) & (np.abs(qx) > canal_r) & (np.abs(qx) < tp_len) \
+        & (np.abs(dz) < 6.0)
+    inside = pt.depth[sl] > 0
+    pt.put(sl, disc & inside, T["disc"], 0)
+    bone = (vbody | arch | spinous | transverse) & inside
+    pt.put(sl, bone, T["cancellous_bone"], LABELS["vertebrae"])
+    pt.put(sl, (shell | arch | spinous | transverse) & inside, T["cortical_bone"])
+    canal = in_range & (rc < canal_r) & inside
+    pt.put(sl, canal, T["csf"], 0)
+
+
+_RIB_RADIUS_MM = 5.0
+_RIB_DROP_MM = 55.0
+"""How far a rib descends from its vertebra to its anterior end (atlas mm)."""
+_RIB_REACH = np.array([1.5, 1.6, 2.2, 2.3, 2.4, 2.6, 2.6, 2.6, 2.6, 2.5, 2.4, 2.3])
+"""Angular reach of each rib from the posterior midline (radians; pi = anterior midline), T12 first:
+floating ribs are short, true ribs reach close to the sternum."""
+
+
+def _ribs(grid: _Grid, pt: _Painter, sub: Subject) -> None:
+    sl = grid.box((-170, -130, _LEVEL_Z[_T12_INDEX] - _RIB_DROP_MM - 10), (170, 130, ATLAS_Z_TOP))
+    rib_depth = sub.fat_mm + sub.muscle_mm
+    ring = np.abs(pt.depth[sl] - rib_depth) < _RIB_RADIUS_MM
+    idx = np.nonzero(ring)
+    if idx[0].size == 0:
+        return
+    qx, qy, qz = grid.q_at(tuple(i + s.start for i, s in zip(idx, sl)))
+    phi = np.abs(np.arctan2(qx, -qy))                                       # 0 = posterior midline
+    u = qz + _RIB_DROP_MM * phi / math.pi
+    k = np.clip(np.rint((u - _LEVEL_Z[_T12_INDEX]) / _THORACIC_STEP), 0, 11).astype(int)
+    dz = u - (_LEVEL_Z[_T12_INDEX] + _THORACIC_STEP * k)
+    dr = pt.depth[sl][idx] - rib_depth
+    rib = (dz ** 2 + dr ** 2 < _RIB_RADIUS_MM ** 2) & (phi > 0.3) & (phi < _RIB_REACH[k])
+    sel = tuple(i[rib] for i in idx)
+    pt.hu[sl][sel] = TISSUE_HU["rib"]
+    pt.label[sl][sel] = LABELS["ribs"]
+    # Sternum: an anterior midline bar over the upper chest.
+    sl = grid.box((-20, 60, 470), (20, 130, ATLAS_Z_TOP))
+    qx, qy, qz = grid.q(sl)
+    m = (np.abs(qx) < 14.0) & (np.abs(pt.depth[sl] - rib_depth) < 5.0) & (qz > 470) & (qz < 640)
+    pt.put(sl, m, TISSUE_HU["rib"], LABELS["ribs"])
+
+
+_FEMUR_HEADS = {"femoral_head_right": (88.0, -8.0, 40.0), "femoral_head_left": (-88.0, -8.0, 40.0)}
+_FEMUR_RADIUS = 23.0
+
+
+def _pelvis(grid: _Grid, pt: _Painter, sub: Subject) -> None:
+    """Iliac wings (curved plates flaring from the sacrum) and the femoral heads."""
+    sl = grid.box((-170, -130, 90), (170, 60, 215))
+    qx, qy, qz = grid.q(sl)
+    phi = np.abs(np.arctan2(qx, -qy))
+    plate_depth = sub.fat_mm + sub.muscle_mm + 18.0
+    crest = 205.0 - 25.0 * (phi - 1.1) ** 2
+    m = (np.abs(pt.depth[sl] - plate_depth) < 4.0) & (phi > 0.45) & (phi < 1.75) & (qz > 100) & (qz < crest)
+    pt.put(sl, m, TISSUE_HU["pelvis_bone"], LABELS["pelvis"])
+    for c in _FEMUR_HEADS.values():
+        c = np.array(c)
+        sl = grid.box(c - _FEMUR_RADIUS, c + _FEMUR_RADIUS)
+        qx, qy, qz = grid.q(sl)
+        rr = np.sqrt((qx - c[0]) ** 2 + (qy - c[1]) ** 2 + (qz - c[2]) ** 2)
+        pt.put(sl, (rr < _FEMUR_RADIUS) & (pt.depth[sl] > 0), TISSUE_HU["cancellous_bone"], LABELS["pelvis"])
+        pt.put(sl, (rr < _FEMUR_RADIUS) & (rr > _FEMUR_RADIUS - 3) & (pt.depth[sl] > 0), TISSUE_HU["cortical_bone"])
+
+
+def _atlas_landmarks(sub: Subject) -> dict[str, np.ndarray]:
+    """Named landmarks in atlas mm (subject variation of organs included)."""
+    o = sub.organs
+    lm = {f"{n}_centroid": o[n].center for n in ("liver", "spleen", "kidney_right", "kidney_left",
+                                                   "stomach", "bladder", "heart", "gallbladder")}
+    for side in ("right", "left"):
+        k = o[f"kidney_{side}"]
+        lm[f"kidney_{side}_upper_pole"] = k.center + [0, 0, 0.75 * k.radii[2]]
+        lm[f"kidney_{side}_lower_pole"] = k.center - [0, 0, 0.75 * k.radii[2]]
+    for name, z in (("aorta_bifurcation", _AORTA_Z[0] + 8), ("aorta_renal", 276.0),
+                    ("aorta_celiac", 410.0), ("aorta_thoracic", 530.0)):
+        lm[name] = np.array([np.interp(z, _AORTA_Z, _AORTA_X), np.interp(z, _AORTA_Z, _AORTA_Y), z])
+    for name, z, y in zip(_LEVEL_NAMES, _LEVEL_Z, _LEVEL_Y):
+        lm[f"vertebra_{name}"] = np.array([0.0, y, z])
+    lm.update({k: np.array(v) for k, v in _FEMUR_HEADS.items()})
+    return lm
+
+
+LANDMARK_LABELS = {
+    **{f"{n}_centroid": n for n in ("liver", "spleen", "kidney_right", "kidney_left", "stomach", "bladder",
+                                    "heart", "gallbladder")},
+    **{f"kidney_{s}_{p}_pole": f"kidney_{s}" for s in ("right", "left") for p in ("upper", "lower")},
+    **{f"aorta_{n}": "aorta" for n in ("bifurcation", "renal", "celiac", "thoracic")},
+    **{f"vertebra_{n}": "vertebrae" for n in _LEVEL_NAMES},
+    **{k: "pelvis" for k in _FEMUR_HEADS},
+}
+"""Landmark name -> the LABELS organ it lies in."""
+
+_LANDMARK_MARGIN_MM = 3.0
+
+
+def _to_storage(image, label, grid: _Grid, orientation: str):
+    """Flip the RAS grid into the storage orientation; returns arrays and the 4x4 affine."""
+    sub = grid.sub
+    affine = np.diag([*sub.spacing, 1.0])
+    affine[:3, 3] = sub.grid_origin
+    for axis, code in enumerate(orientation[:2]):
+        if code in "LP":                         # RAS axis 0 stored as L, axis 1 as P
+            image = np.flip(image, axis)
+            label = np.flip(label, axis)
+            affine[:3, 3] += affine[:3, axis] * (sub.shape[axis] - 1)
+            affine[:3, axis] *= -1
+    return np.ascontiguousarray(image), np.ascontiguousarray(label), affine
+
+
+def generate_case(index: int, seed: int = 0, small: bool = False, shape: tuple[int, int, int] | None = None
+                  ) -> PhantomCase:
+    """Case number `index` (1-based) of the dataset with `seed`. Deterministic: the case draws from
+    its own generator seeded by (seed, index). `shape` overrides the matrix (keeping the field of
+    view, so the voxel size changes); used for timing."""
+    rng = np.random.default_rng([seed, index])
+    sub = _draw_subject(rng, SMALL if small else FULL, index)
+    if shape is not None:
+        fov = sub.spacing * np.array(sub.shape)
+        sub.shape = tuple(int(s) for s in shape)
+        sub.spacing = fov / np.array(sub.shape)
+        sub.grid_origin[:2] = -sub.spacing[:2] * (np.array(sub.shape[:2]) - 1) / 2
+    grid, image, label = _render(sub, rng)
+    image, label, affine = _to_storage(image, label, grid, sub.orientation)
+    names = list(_atlas_landmarks(sub))
+    world = grid.atlas_to_world(np.stack(list(_atlas_landmarks(sub).values())))
+    lo = sub.grid_origin + _LANDMARK_MARGIN_MM
+    hi = sub.grid_origin + sub.spacing * (np.array(sub.shape) - 1) - _LANDMARK_MARGIN_MM
+    landmarks = {n: [round(float(v), 3) for v in p] for n, p in zip(names, world)
+                 if (p >= lo).all() and (p <= hi).all()}
+    info = dict(phase=sub.phase, orientation=sub.orientation, spacing=[round(float(s), 4) for s in sub.spacing],
+                shape=list(sub.shape), atlas_z_range=[round(v, 1) for v in sub.z_range],
+                noise_hu=round(float(sub.noise_hu), 2), scale=[round(float(s), 4) for s in sub.scale])
+    return PhantomCase(f"Case_{index:05d}", image, label, affine, landmarks, info)
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.nii.gz")
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+
+
+def write_case(case: PhantomCase, out_dir) -> None:
+    out = Path(out_dir)
+    for sub in ("imagesTr", "labelsTr", "landmarks"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    _save_nifti(case.image, case.affine, out / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+    _save_nifti(case.label, case.affine, out / "labelsTr" / f"{case.case_id}.nii.gz")
+    (out / "landmarks" / f"{case.case_id}.json").write_text(json.dumps(
+        {"case_id": case.case_id, "frame": "RAS world mm", "landmarks": case.landmarks, "info": case.info},
+        indent=1))
+
+
+def write_dataset(out_dir, num: int, seed: int = 0, small: bool = False, on_case=None) -> list[str]:
+    """Write `num` phantom cases in the FLARE layout plus a decathlon `dataset.json`; returns the
+    case ids (`Case_00001`, ...). `on_case(case)` is called after each case is written (progress)."""
+    from alice_ds.data.datalist import build_datalist, write_datalist
+
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    out = Path(out_dir)
+    ids = []
+    for i in range(1, num + 1):
+        case = generate_case(i, seed=seed, small=small)
+        write_case(case, out)
+        ids.append(case.case_id)
+        if on_case is not None:
+            on_case(case)
+    datalist = build_datalist(out, val_fraction=0.0, seed=seed)
+    datalist.update(name="alice-ds phantom", description=f"synthetic abdominal/thoracic CT, seed {seed}",
+                    labels={str(v): k for k, v in LABELS.items()}, numTraining=len(datalist["training"]))
+    write_datalist(datalist, out / "dataset.json")
+    return ids
