@@ -50,12 +50,15 @@ _BODY_HEIGHT_FRACTION = 0.76
 _THORACIC_STEP = 27.0
 _T12_INDEX = _LEVEL_NAMES.index("T12")
 
-# Body outline (atlas z -> semi-axes in mm): wide pelvis, abdomen, chest narrowing to the apex.
+# Lean body outline (atlas z -> semi-axes in mm; subcutaneous fat is added on top): wide pelvis,
+# abdomen, chest narrowing to the apex. The back is deeper than the front (the spine sits posterior).
 _BODY_Z = np.array([0.0, 100.0, 200.0, 300.0, 400.0, 480.0, 560.0, 660.0])
-_BODY_RX = np.array([165.0, 165.0, 150.0, 148.0, 150.0, 152.0, 148.0, 132.0])
-_BODY_RY = np.array([105.0, 110.0, 108.0, 108.0, 114.0, 120.0, 116.0, 102.0])
+_BODY_RX = np.array([150.0, 150.0, 134.0, 130.0, 132.0, 134.0, 132.0, 116.0])
+_BODY_RY = np.array([92.0, 95.0, 92.0, 92.0, 98.0, 104.0, 100.0, 88.0])
+_BACK_DEPTH_RATIO = 1.25
+_BACK_MUSCLE_MM = 30.0
+"""Extra muscle in the posterior wall (erector spinae, quadratus lumborum), tapering to 0 laterally."""
 _SKIN_MM = 2.0
-_BACK_FLATTENING = 0.95
 _SPINOUS_MM = 20.0
 
 # Aorta centre line (atlas z -> x, y) from the bifurcation to the arch, and its radius.
@@ -280,9 +283,11 @@ class _Painter:
         shape = grid.sub.shape
         self.hu = np.full(shape, AIR_HU, dtype=np.float32)
         self.label = np.zeros(shape, dtype=np.uint8)
+        self.body = np.zeros(shape, dtype=bool)
         self.cavity = np.zeros(shape, dtype=bool)
-        self.depth = np.full(shape, -1.0, dtype=np.float32)
-        """Depth below the skin in atlas mm (negative outside the body)."""
+        """Free body cavity: filled by organs, then bowel and lungs."""
+        self.h = np.zeros(shape, dtype=np.float32)
+        """Atlas mm inside the cavity boundary (negative in the body wall)."""
 
     def put(self, sl, mask, hu, label=None):
         h = self.hu[sl]
@@ -312,23 +317,25 @@ def _render(sub: Subject, rng: np.random.Generator):
     T = TISSUE_HU
     full = tuple(slice(0, n) for n in sub.shape)
 
-    # Body wall: skin, subcutaneous fat, muscle; the cavity inside is visceral fat until filled.
+    # Body wall: skin, subcutaneous fat, muscle (thicker at the back); inside it the cavity is
+    # visceral fat until organs fill it. Depth below the skin is approximated from the ellipse radius.
     qx, qy, qz = grid.q(full)
-    rx = np.interp(qz, _BODY_Z, _BODY_RX).astype(np.float32)
+    fat = np.float32(sub.fat_mm)
+    rx = np.interp(qz, _BODY_Z, _BODY_RX).astype(np.float32) + fat
     ry = np.interp(qz, _BODY_Z, _BODY_RY).astype(np.float32)
-    ry_here = np.where(qy < 0, ry * np.float32(_BACK_FLATTENING), ry)  # the patient lies on the table
+    ry_here = np.where(qy < 0, ry * np.float32(_BACK_DEPTH_RATIO), ry) + fat
     r = np.sqrt((qx / rx) ** 2 + (qy / ry_here) ** 2)
-    depth = (1.0 - r) * (rx + ry) * np.float32(0.5)
-    del r, ry_here
-    pt.depth = depth
-    body = depth > 0
-    pt.hu[body] = T["skin"]
+    depth = (1.0 - r) * (rx + ry_here) * np.float32(0.5)
+    back = np.clip(-qy / ry_here - np.float32(0.2), 0, 0.8) * np.float32(_BACK_MUSCLE_MM / 0.8)
+    del r, ry_here, qx
+    pt.body = depth > 0
+    pt.hu[pt.body] = T["skin"]
     pt.hu[depth > _SKIN_MM] = T["subcutaneous_fat"]
-    wall = sub.fat_mm + sub.muscle_mm
-    pt.hu[(depth > sub.fat_mm) & (depth <= wall)] = T["muscle"]
-    pt.cavity = depth > wall
+    pt.h = depth - (fat + np.float32(sub.muscle_mm)) - back
+    pt.hu[(depth > fat) & (pt.h <= 0)] = T["muscle"]
+    del depth, back, qy
+    pt.cavity = pt.h > 0
     pt.hu[pt.cavity] = T["visceral_fat"]
-    del qx, qy, body
 
     # Paraspinal muscles (whole spine) and psoas (lumbar, widening caudally).
     sl = grid.box((-70, -115, 40), (70, -20, ATLAS_Z_TOP))
@@ -336,7 +343,9 @@ def _render(sub: Subject, rng: np.random.Generator):
     para = ((np.abs(qx) - 36.0) / 22.0) ** 2 + ((qy + 82.0) / 17.0) ** 2 < 1.0
     psoas_r = np.clip(np.interp(qz, [130.0, 300.0], [22.0, 7.0]), 0, None) * (qz < 305)
     psoas = (np.abs(qx) - 42.0) ** 2 + (qy + 35.0) ** 2 < psoas_r ** 2
-    pt.put(sl, (para | psoas) & (pt.depth[sl] > 0), T["muscle"])
+    muscles = (para | psoas) & pt.body[sl]
+    pt.put(sl, muscles, T["muscle"])
+    pt.cavity[sl][muscles] = False
 
     def organ_box(name, pad=0.0):
         o = sub.organs[name]
@@ -406,7 +415,7 @@ def _vessels(grid: _Grid, pt: _Painter, phase: dict) -> None:
     inside = (qz >= _AORTA_Z[0]) & (qz <= _AORTA_Z[-1])
     m = _tube(qx, qy, np.interp(qz, _AORTA_Z, _AORTA_X), np.interp(qz, _AORTA_Z, _AORTA_Y),
               np.interp(qz, _AORTA_Z, _AORTA_R)) & inside
-    pt.put(sl, m & (pt.depth[sl] > 0), phase["aorta"], LABELS["aorta"])
+    pt.put(sl, m & pt.body[sl], phase["aorta"], LABELS["aorta"])
     # Common iliac arteries from the bifurcation to the pelvis.
     e = _ILIAC_END
     sl = grid.box((-e["x"] - 15, -40, e["z"]), (e["x"] + 15, 10, _AORTA_Z[0]))
@@ -416,12 +425,12 @@ def _vessels(grid: _Grid, pt: _Painter, phase: dict) -> None:
     for sign in (-1.0, 1.0):
         cx = _AORTA_X[0] + t * (sign * e["x"] - _AORTA_X[0])
         cy = _AORTA_Y[0] + t * (e["y"] - _AORTA_Y[0])
-        pt.put(sl, _tube(qx, qy, cx, cy, e["r"]) & inside & (pt.depth[sl] > 0), phase["aorta"], LABELS["aorta"])
+        pt.put(sl, _tube(qx, qy, cx, cy, e["r"]) & inside & pt.body[sl], phase["aorta"], LABELS["aorta"])
     # Inferior vena cava, right of the aorta, up into the right atrium.
     v = _IVC
     sl = grid.box((v["x"] - v["r"], v["y"] - v["r"], v["z0"]), (v["x"] + v["r"], v["y"] + v["r"], v["z1"]))
     qx, qy, qz = grid.q(sl)
-    m = _tube(qx, qy, v["x"], v["y"], v["r"]) & (qz >= v["z0"]) & (qz <= v["z1"]) & (pt.depth[sl] > 0)
+    m = _tube(qx, qy, v["x"], v["y"], v["r"]) & (qz >= v["z0"]) & (qz <= v["z1"]) & pt.body[sl]
     pt.put(sl, m, phase["ivc"], LABELS["ivc"])
 
 
@@ -470,7 +479,8 @@ def _lungs(grid: _Grid, pt: _Painter) -> None:
     sl = grid.box((-170, -130, 370), (170, 130, ATLAS_Z_TOP))
     qx, qy, qz = grid.q(sl)
     mediastinum = (np.abs(qx + 8.0) < 32.0) & (qy > -75.0)
-    m = pt.cavity[sl] & (pt.label[sl] == 0) & (qz > _dome(qx, qy)) & ~mediastinum
+    paravertebral = (np.abs(qx) < 30.0) & (qy < -15.0)
+    m = pt.cavity[sl] & (pt.label[sl] == 0) & (qz > _dome(qx, qy)) & ~mediastinum & ~paravertebral
     pt.put(sl, m & (qx > 0), TISSUE_HU["lung"], LABELS["lung_right"])
     pt.put(sl, m & (qx <= 0), TISSUE_HU["lung"], LABELS["lung_left"])
 
@@ -504,7 +514,7 @@ def _spine(grid: _Grid, pt: _Painter) -> None:
     tp_len = np.where(lvl < _T12_INDEX, 45.0, 30.0)[None, None, :]
     transverse = in_range & (np.abs(qy - cy) < 5.0) & (np.abs(qx) > canal_r) & (np.abs(qx) < tp_len) \
         & (np.abs(dz) < 6.0)
-    inside = pt.depth[sl] > 0
+    inside = pt.body[sl]
     pt.put(sl, disc & inside, T["disc"], 0)
     bone = (vbody | arch | spinous | transverse) & inside
     pt.put(sl, bone, T["cancellous_bone"], LABELS["vertebrae"])
@@ -523,8 +533,8 @@ floating ribs are short, true ribs reach close to the sternum."""
 
 def _ribs(grid: _Grid, pt: _Painter, sub: Subject) -> None:
     sl = grid.box((-170, -130, _LEVEL_Z[_T12_INDEX] - _RIB_DROP_MM - 10), (170, 130, ATLAS_Z_TOP))
-    rib_depth = sub.fat_mm + sub.muscle_mm
-    ring = np.abs(pt.depth[sl] - rib_depth) < _RIB_RADIUS_MM
+    rib_h = -0.5 * sub.muscle_mm                                            # inside the chest wall
+    ring = np.abs(pt.h[sl] - rib_h) < _RIB_RADIUS_MM
     idx = np.nonzero(ring)
     if idx[0].size == 0:
         return
@@ -533,7 +543,7 @@ def _ribs(grid: _Grid, pt: _Painter, sub: Subject) -> None:
     u = qz + _RIB_DROP_MM * phi / math.pi
     k = np.clip(np.rint((u - _LEVEL_Z[_T12_INDEX]) / _THORACIC_STEP), 0, 11).astype(int)
     dz = u - (_LEVEL_Z[_T12_INDEX] + _THORACIC_STEP * k)
-    dr = pt.depth[sl][idx] - rib_depth
+    dr = pt.h[sl][idx] - rib_h
     rib = (dz ** 2 + dr ** 2 < _RIB_RADIUS_MM ** 2) & (phi > 0.3) & (phi < _RIB_REACH[k])
     sel = tuple(i[rib] for i in idx)
     pt.hu[sl][sel] = TISSUE_HU["rib"]
@@ -541,7 +551,7 @@ def _ribs(grid: _Grid, pt: _Painter, sub: Subject) -> None:
     # Sternum: an anterior midline bar over the upper chest.
     sl = grid.box((-20, 60, 470), (20, 130, ATLAS_Z_TOP))
     qx, qy, qz = grid.q(sl)
-    m = (np.abs(qx) < 14.0) & (np.abs(pt.depth[sl] - rib_depth) < 5.0) & (qz > 470) & (qz < 640)
+    m = (np.abs(qx) < 14.0) & (np.abs(pt.h[sl] - rib_h) < 5.0) & (qz > 470) & (qz < 640)
     pt.put(sl, m, TISSUE_HU["rib"], LABELS["ribs"])
 
 
@@ -554,17 +564,17 @@ def _pelvis(grid: _Grid, pt: _Painter, sub: Subject) -> None:
     sl = grid.box((-170, -130, 90), (170, 60, 215))
     qx, qy, qz = grid.q(sl)
     phi = np.abs(np.arctan2(qx, -qy))
-    plate_depth = sub.fat_mm + sub.muscle_mm + 18.0
+    plate_h = 18.0
     crest = 205.0 - 25.0 * (phi - 1.1) ** 2
-    m = (np.abs(pt.depth[sl] - plate_depth) < 4.0) & (phi > 0.45) & (phi < 1.75) & (qz > 100) & (qz < crest)
+    m = (np.abs(pt.h[sl] - plate_h) < 4.0) & (phi > 0.45) & (phi < 1.75) & (qz > 100) & (qz < crest)
     pt.put(sl, m, TISSUE_HU["pelvis_bone"], LABELS["pelvis"])
     for c in _FEMUR_HEADS.values():
         c = np.array(c)
         sl = grid.box(c - _FEMUR_RADIUS, c + _FEMUR_RADIUS)
         qx, qy, qz = grid.q(sl)
         rr = np.sqrt((qx - c[0]) ** 2 + (qy - c[1]) ** 2 + (qz - c[2]) ** 2)
-        pt.put(sl, (rr < _FEMUR_RADIUS) & (pt.depth[sl] > 0), TISSUE_HU["cancellous_bone"], LABELS["pelvis"])
-        pt.put(sl, (rr < _FEMUR_RADIUS) & (rr > _FEMUR_RADIUS - 3) & (pt.depth[sl] > 0), TISSUE_HU["cortical_bone"])
+        pt.put(sl, (rr < _FEMUR_RADIUS) & pt.body[sl], TISSUE_HU["cancellous_bone"], LABELS["pelvis"])
+        pt.put(sl, (rr < _FEMUR_RADIUS) & (rr > _FEMUR_RADIUS - 3) & pt.body[sl], TISSUE_HU["cortical_bone"])
 
 
 def _atlas_landmarks(sub: Subject) -> dict[str, np.ndarray]:

@@ -30,12 +30,12 @@ def run(args) -> int:
         def on_case(case):
             info = case.info
             rows.append([case.case_id, "x".join(map(str, info["shape"])),
-                         " x ".join(f"{s:.2f}" for s in info["spacing"]), info["orientation"], info["phase"],
+                         "x".join(f"{s:.2f}" for s in info["spacing"]), info["orientation"], info["phase"],
                          "{:.0f}-{:.0f}".format(*info["atlas_z_range"]), len(case.landmarks)])
             bar.advance(task)
 
         write_dataset(args.out_dir, args.num, seed=args.seed, small=args.small, on_case=on_case)
     seconds = time.perf_counter() - start
     console.print(table(f"phantom dataset {args.out_dir} ({seconds:.1f} s, {seconds / args.num:.2f} s/case)",
-                        ["case", "shape", "spacing mm", "stored", "phase", "body z mm", "landmarks"], rows))
+                        ["case", "shape", "voxel mm", "stored", "phase", "body z mm", "landmarks"], rows))
     return 0
