@@ -1,0 +1,101 @@
+"""Ground-truth ("oracle") SAM embeddings for cases with known landmarks (phantoms).
+
+A point's embedding is a fixed function of its *anatomical* position: world mm are mapped into a
+shared canonical frame by the affine that best maps the case's landmarks onto a reference set of
+landmarks (least squares), and the canonical position u is encoded as Fourier features
+`[cos(2π d_j·u / λ_j), sin(2π d_j·u / λ_j)] / sqrt(J)` over J = 64 fixed (direction, wavelength)
+pairs. Every vector has unit norm and the cosine of two vectors is `mean_j cos(2π d_j·Δu / λ_j)`: a
+smooth function of the canonical distance with its maximum 1 exactly at Δu = 0. Matching with these
+files is therefore as good as the landmark fit: an upper bound for SAM, used by the sampler tests,
+the sampler benchmark and ablations. Files follow docs/interfaces.md (written with
+`alice_ds.sam.io.write_embedding`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from alice_ds.sam.geometry import index_to_world, scaled_affine
+from alice_ds.sam.io import EMBED_DIM, write_embedding
+
+SAM_SPACING_MM = 2.0
+"""Spacing of the SAM grid the strides refer to (DESIGN §5)."""
+FINE_STRIDE = (2, 2, 2)
+COARSE_STRIDE = (8, 8, 8)
+"""Coarse stride in 2 mm voxels (16 mm); the learned SAM's coarse grid is of the same order."""
+FINE_WAVELENGTHS_MM = (24.0, 160.0)
+COARSE_WAVELENGTHS_MM = (80.0, 600.0)
+"""Wavelength ranges of the two encodings: the fine one separates points a few mm apart, the coarse
+one is unambiguous over a whole body."""
+MODEL_ID = "oracle-landmarks-v1"
+FEATURE_SEED = 1234
+"""Seed of the fixed feature directions (the same for every case, so cases are comparable)."""
+
+
+def landmark_affine(landmarks: dict, reference: dict) -> np.ndarray:
+    """4x4 affine world mm -> canonical frame, least squares over the landmark names both dicts
+    share (at least 4, not coplanar)."""
+    names = sorted(set(landmarks) & set(reference))
+    if len(names) < 4:
+        raise ValueError(f"need at least 4 shared landmarks to fit an affine, got {names}")
+    src = np.asarray([landmarks[n] for n in names], dtype=np.float64)  # [L, 3]
+    dst = np.asarray([reference[n] for n in names], dtype=np.float64)  # [L, 3]
+    design = np.concatenate([src, np.ones((len(names), 1))], axis=1)  # [L, 4]
+    sol, _, rank, _ = np.linalg.lstsq(design, dst, rcond=None)  # [4, 3]
+    if rank < 4:
+        raise ValueError(f"landmarks {names} are coplanar; cannot fit an affine")
+    out = np.eye(4)
+    out[:3, :] = sol.T
+    return out
+
+
+def _directions_and_wavelengths(lo: float, hi: float, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    half = EMBED_DIM // 2
+    rng = np.random.default_rng(FEATURE_SEED + offset)
+    d = rng.normal(size=(half, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    lam = np.geomspace(lo, hi, half)
+    return d, lam
+
+
+def features(canonical_mm: np.ndarray, wavelengths: tuple[float, float], offset: int = 0) -> np.ndarray:
+    """Unit Fourier features `[P, 128]` float32 of canonical positions `[P, 3]` (mm)."""
+    d, lam = _directions_and_wavelengths(*wavelengths, offset)
+    phase = 2 * np.pi * (np.asarray(canonical_mm, dtype=np.float64) @ d.T) / lam  # [P, 64]
+    out = np.concatenate([np.cos(phase), np.sin(phase)], axis=1) / np.sqrt(d.shape[0])
+    return out.astype(np.float32)
+
+
+def grid_features(affine: np.ndarray, shape, to_canonical: np.ndarray, wavelengths, offset: int) -> torch.Tensor:
+    """Features of every voxel of a grid -> channel-last `[X, Y, Z, 128]`."""
+    out = np.empty((*shape, EMBED_DIM), dtype=np.float32)
+    yz = np.stack(np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij"), -1).reshape(-1, 2)
+    for x in range(shape[0]):  # one x-slab at a time bounds the float64 temporaries
+        ijk = np.concatenate([np.full((len(yz), 1), x), yz], axis=1)  # [Y*Z, 3]
+        world = index_to_world(affine, ijk)
+        canon = world @ to_canonical[:3, :3].T + to_canonical[:3, 3]
+        out[x] = features(canon, wavelengths, offset).reshape(shape[1], shape[2], EMBED_DIM)  # [Y*Z, C] -> [Y, Z, C]
+    return torch.from_numpy(out)
+
+
+def write_oracle_embedding(path, case_id: str, volume_affine, volume_shape, landmarks: dict,
+                           reference: dict) -> None:
+    """Write `<path>` for a cached volume (`volume_affine` voxel -> mm, RAS, `volume_shape`) whose
+    landmarks (world mm) are known. The 2 mm SAM grid starts at the volume's voxel 0 and covers
+    its extent; fine and coarse grids sit on it at `FINE_STRIDE` / `COARSE_STRIDE`."""
+    volume_affine = np.asarray(volume_affine, dtype=np.float64)
+    spacing = np.sqrt((volume_affine[:3, :3] ** 2).sum(0))
+    extent = (np.asarray(volume_shape) - 1) * spacing  # mm between the first and last voxel centre
+    sam_affine = volume_affine.copy()
+    sam_affine[:3, :3] = volume_affine[:3, :3] / spacing * SAM_SPACING_MM  # same axes, 2 mm voxels
+    sam_shape = np.floor(extent / SAM_SPACING_MM).astype(int) + 1
+    to_canonical = landmark_affine(landmarks, reference)
+    grids = {}
+    for name, stride, wavelengths, offset in (("fine", FINE_STRIDE, FINE_WAVELENGTHS_MM, 0),
+                                              ("coarse", COARSE_STRIDE, COARSE_WAVELENGTHS_MM, 1)):
+        shape = -(-sam_shape // np.asarray(stride))  # ceil: the last voxel covers the far edge
+        aff = scaled_affine(sam_affine, stride)
+        grids[name] = (grid_features(aff, shape, to_canonical, wavelengths, offset), aff)
+    write_embedding(path, grids["fine"][0], grids["coarse"][0], grids["fine"][1], grids["coarse"][1],
+                    FINE_STRIDE, COARSE_STRIDE, MODEL_ID, case_id)

@@ -1,0 +1,488 @@
+"""SAM-conditioned pair sampler (DESIGN §4 steps 1-3): the loader that crafts Alice's two views.
+
+For a query case A (this rank's shard of the epoch) K candidate points are drawn inside A's body and
+matched into a random partner case B != A with ONE `Matcher.match` call; the best candidate whose
+score (mean of fine and coarse cosine similarity) reaches the threshold becomes the pair: a crop
+around it in A (the *query* view) and one around its match in B (the *anchor* view). When no
+candidate reaches the threshold, a new partner and new candidates are tried, up to `max_retries`
+times; then the sample falls back to *intra*: two augmentations of one crop of A (counted).
+`embed_dir=None` makes every sample intra (ablations, smoke tests of the engine).
+
+Reproducibility. Sample n of rank r's stream (n counts from 0 over all epochs) is a pure function of
+(seed, r, n) and the data: its query case comes from a per-epoch permutation seeded by (seed, epoch),
+every random draw (candidates, partner, augmentation, masks) from a generator seeded by
+(seed, r, n). The DataLoader worker that makes sample n is itself a function of n (batches go to
+workers round-robin), so the stream is the same for any number of workers, and resuming is setting
+n. Use `PairLoader` to iterate with workers: it keeps the main process's copy of the position and
+the counters up to date.
+
+Sharding. Each epoch the valid cases are permuted (same permutation on every rank) and cut into
+`world_size` disjoint, equal shards (the remainder of `num_cases % world_size` sits out that
+epoch), so every rank runs the same number of steps.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from alice_ds.console import warn
+from alice_ds.data.augment import ViewAugment
+from alice_ds.data.cache import AIR_HU, hu_window, list_cases, open_case
+from alice_ds.data.masks import block_mask
+from alice_ds.errors import DataError, UserError
+
+COVERAGE_TOLERANCE = 1.5
+"""How far (in fine-grid voxels) a corner of the cached volume may lie outside the embedding's fine
+grid before the embedding counts as belonging to another volume (grids are rounded to whole voxels)."""
+OPEN_CASES = 64
+"""Cached volumes kept open (memory maps) per process; a map holds a file descriptor."""
+
+
+@dataclass
+class PairConfig:
+    """Knobs of the pair sampler. Sizes are in voxels of the cache grid unless stated."""
+
+    roi: int = 96
+    """Edge of each cubic view; a multiple of 32 (SwinUNETR's deepest stride)."""
+    hu_window: tuple[float, float] = (-125.0, 225.0)
+    """HU mapped to 0 and 1 (clipped); the reference code's abdominal window."""
+    body_hu: float = -500.0
+    """Voxels above this HU are body; query points are drawn among them."""
+    pad_hu: float = AIR_HU
+    """HU of the padding outside a volume (air)."""
+    patch_size: int = 2
+    """Backbone patch edge: the masks live on the [roi / patch_size]^3 token grid."""
+    mask_ratio: float = 0.75
+    """Exact fraction of masked tokens per view."""
+    mask_block: int = 16
+    """Edge of a mask block in voxels (a multiple of `patch_size`)."""
+    num_candidates: int = 32
+    """Query points of case A scored together in one matcher call (K)."""
+    score_threshold: float = 0.7
+    """Minimum match score, (cos_fine + cos_coarse) / 2, for an inter pair (paper code: 0.7)."""
+    match_window: int = 8
+    """Edge of the matcher's fine-search window in fine voxels (4 mm each): 32 mm, two coarse
+    voxels. The matcher's own default (20) is tuned for landmark accuracy; the sampler scores K
+    candidates per call and the window's volume is what that call costs."""
+    max_retries: int = 3
+    """Extra matcher calls (new partner, new candidates) before falling back to an intra pair."""
+    rotation: float = 15.0
+    """Maximum rotation about each axis in degrees (0 disables)."""
+    rotation_prob: float = 1.0
+    """Probability that a view is rotated."""
+    noise_std: float = 0.1
+    """Standard deviation of the Gaussian noise on the [0, 1] scale (0 disables)."""
+    intensity_scale: float = 0.0
+    """Random intensity scale `v * (1 + f)`, f ~ U(±intensity_scale) (0 disables)."""
+    intensity_shift: float = 0.0
+    """Random intensity shift `v + o`, o ~ U(±intensity_shift) on the [0, 1] scale (0 disables)."""
+    body_stride: int = 4
+    """Step of the coarse grid on which a case's body points are listed (read once per worker)."""
+    body_points: int = 4096
+    """At most this many body points kept per case (a fixed subset), bounding worker memory."""
+    samples_per_case: int = 1
+    """Samples per query case per epoch."""
+    max_bad_fraction: float = 0.1
+    """Cases without a usable cache entry or embedding are skipped; above this fraction, an error."""
+
+    def __post_init__(self):
+        self.hu_window = tuple(float(v) for v in self.hu_window)
+        checks = [
+            (self.roi > 0 and self.roi % 32 == 0, f"roi must be a positive multiple of 32, got {self.roi}"),
+            (len(self.hu_window) == 2 and self.hu_window[1] > self.hu_window[0],
+             f"hu_window must be (lo, hi) with hi > lo, got {self.hu_window}"),
+            (self.patch_size > 0 and self.roi % self.patch_size == 0,
+             f"patch_size must divide roi={self.roi}, got {self.patch_size}"),
+            (0.0 <= self.mask_ratio <= 1.0, f"mask_ratio must be in [0, 1], got {self.mask_ratio}"),
+            (self.mask_block > 0 and self.mask_block % self.patch_size == 0,
+             f"mask_block must be a positive multiple of patch_size={self.patch_size}, got {self.mask_block}"),
+            (self.num_candidates >= 1, f"num_candidates must be >= 1, got {self.num_candidates}"),
+            (-1.0 <= self.score_threshold <= 1.0,
+             f"score_threshold must be in [-1, 1] (a cosine similarity), got {self.score_threshold}"),
+            (self.match_window >= 1, f"match_window must be >= 1 fine voxel, got {self.match_window}"),
+            (self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries}"),
+            (0.0 <= self.rotation <= 180.0, f"rotation must be in [0, 180] degrees, got {self.rotation}"),
+            (0.0 <= self.rotation_prob <= 1.0, f"rotation_prob must be in [0, 1], got {self.rotation_prob}"),
+            (self.noise_std >= 0.0, f"noise_std must be >= 0, got {self.noise_std}"),
+            (0.0 <= self.intensity_scale < 1.0, f"intensity_scale must be in [0, 1), got {self.intensity_scale}"),
+            (self.intensity_shift >= 0.0, f"intensity_shift must be >= 0, got {self.intensity_shift}"),
+            (self.body_stride >= 1, f"body_stride must be >= 1, got {self.body_stride}"),
+            (self.body_points >= 1, f"body_points must be >= 1, got {self.body_points}"),
+            (self.samples_per_case >= 1, f"samples_per_case must be >= 1, got {self.samples_per_case}"),
+            (0.0 <= self.max_bad_fraction <= 1.0,
+             f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid of one view (where the masks live)."""
+        g = self.roi // self.patch_size
+        return (g, g, g)
+
+
+def _check_embedding(embed_dir, case) -> str | None:
+    """Why the case's embedding file cannot be used with its cached volume, or None when it can."""
+    from alice_ds.sam.io import open_embedding
+    try:
+        ef = open_embedding(embed_dir, case.case_id)
+    except DataError as e:
+        return e.problem
+    if ef.case_id != case.case_id:
+        return f"embedding file belongs to case {ef.case_id!r}"
+    corners = np.array(np.meshgrid(*[[0, s - 1] for s in case.shape], indexing="ij")).reshape(3, -1).T
+    world = case.voxel_to_world(corners)  # [8, 3] mm
+    inv = np.linalg.inv(ef.fine_affine)
+    ijk = world @ inv[:3, :3].T + inv[:3, 3]
+    hi = np.asarray(ef.fine_shape) - 1 + COVERAGE_TOLERANCE
+    if (ijk < -COVERAGE_TOLERANCE).any() or (ijk > hi).any():
+        return (f"embedding grid (fine shape {tuple(ef.fine_shape)}) does not cover the cached volume "
+                f"(shape {case.shape}); stale or from another preprocessing")
+    return None
+
+
+class PairDataset(IterableDataset):
+    """Infinite (or `epochs`-long) stream of Alice pair samples for one rank; see the module doc.
+
+    Each sample is a dict (docs/interfaces.md): `query`, `anchor` float32 [1, R, R, R] in [0, 1];
+    `query_mask`, `anchor_mask` bool [R/p]^3 (True = masked); `score` float (1.0 for intra: the same
+    anatomy); `query_center_mm`, `anchor_center_mm` float64 [3] (world mm of the crops' centre
+    voxels); `query_case`, `anchor_case` str; `kind` "inter" | "intra"; `tries` int (matcher calls
+    made for the sample, 0 without embeddings); `index` int (position in the rank's stream).
+    """
+
+    def __init__(self, cache_dir, embed_dir=None, config: PairConfig | None = None, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None, cases: list[str] | None = None,
+                 epochs: int | None = None, matcher=None):
+        from alice_ds import dist
+        self.cache_dir = cache_dir
+        self.embed_dir = embed_dir
+        self.config = config or PairConfig()
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.seed = int(seed)
+        self.rank = dist.rank() if rank is None else int(rank)
+        self.world_size = dist.world_size() if world_size is None else int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be >= 1 or None (endless), got {epochs}")
+        self.epochs = epochs
+        self.batch_block = 1  # consecutive samples one worker makes; PairLoader sets the batch size
+        self._matcher = matcher
+        self.skipped: dict[str, str] = {}
+        self.cases = self._valid_cases(list_cases(cache_dir) if cases is None else list(cases))
+        self._case_pos = {cid: i for i, cid in enumerate(self.cases)}
+        self.shard_size = len(self.cases) // self.world_size
+        if self.shard_size < 1:
+            raise UserError(f"{cache_dir}: {len(self.cases)} usable cases cannot be shared by "
+                            f"world_size={self.world_size} ranks")
+        self.samples_per_epoch = self.shard_size * self.config.samples_per_case
+        self._next = 0  # stream index of the next sample this process hands out
+        self._counts = dict(samples=0, inter=0, intra=0, fallbacks=0, matcher_calls=0, score_sum=0.0)
+        self._open: OrderedDict = OrderedDict()
+        self._body: dict[str, np.ndarray] = {}
+        self._augment = None
+        self._perm_cache: tuple[int, list[str]] | None = None
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _valid_cases(self, ids: list[str]) -> list[str]:
+        if not ids:
+            raise UserError(f"{self.cache_dir}: no cached cases (run `alice-ds preprocess` first)")
+        valid = []
+        for cid in ids:
+            try:
+                case = open_case(self.cache_dir, cid)
+            except DataError as e:
+                self.skipped[cid] = str(e)
+                continue
+            problem = None if self.embed_dir is None else _check_embedding(self.embed_dir, case)
+            if problem is None:
+                valid.append(cid)
+            else:
+                self.skipped[cid] = problem
+        for cid, why in self.skipped.items():
+            warn(f"pair sampler skips case {cid}: {why}")
+        bad = len(self.skipped) / len(ids)
+        if bad > self.config.max_bad_fraction:
+            first = next(iter(self.skipped.items()))
+            where = self.embed_dir if self.embed_dir is not None else self.cache_dir
+            raise DataError(where, f"{len(self.skipped)} of {len(ids)} cases are unusable ({bad:.0%} > "
+                                   f"max_bad_fraction={self.config.max_bad_fraction:.0%}); first: "
+                                   f"{first[0]}: {first[1]}")
+        if self.embed_dir is not None and len(valid) < 2:
+            raise UserError(f"{self.embed_dir}: inter pairs need at least 2 usable cases, got {len(valid)} "
+                            "(pass embed_dir=None for intra-only sampling)")
+        return valid
+
+    @property
+    def matcher(self):
+        """The SAM matcher of this process, built on first use (inside each DataLoader worker)."""
+        if self._matcher is None:
+            from alice_ds.sam.matcher import Matcher
+            self._matcher = Matcher(self.embed_dir, window=self.config.match_window)
+        return self._matcher
+
+    def _case(self, case_id: str):
+        """Open cached volume from a small per-process LRU."""
+        case = self._open.get(case_id)
+        if case is None:
+            case = open_case(self.cache_dir, case_id)
+            self._open[case_id] = case
+            while len(self._open) > OPEN_CASES:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(case_id)
+        return case
+
+    def _body_cells(self, case) -> np.ndarray:
+        """Flat voxel indices (int64) of body voxels on the `body_stride` grid, listed once
+        per process; a fixed subset of at most `body_points`, seeded by the case id so every worker
+        and every resume sees the same list."""
+        cells = self._body.get(case.case_id)
+        if cells is None:
+            s = self.config.body_stride
+            sub = np.asarray(case.array[::s, ::s, ::s])  # the only full read of the volume
+            ijk = np.argwhere(sub > self.config.body_hu) * s  # [M, 3] voxel indices
+            if len(ijk) == 0:  # no body: fall back to the volume centre
+                ijk = (np.asarray(case.shape)[None] // 2).astype(np.int64)
+            if len(ijk) > self.config.body_points:
+                pick = np.random.default_rng(zlib.crc32(case.case_id.encode())).choice(
+                    len(ijk), self.config.body_points, replace=False)
+                ijk = ijk[np.sort(pick)]
+            cells = np.ravel_multi_index(ijk.T, case.shape)
+            self._body[case.case_id] = cells
+        return cells
+
+    def _body_points(self, case, k: int, rng: np.random.Generator) -> np.ndarray:
+        """k random body points of `case` in world mm `[k, 3]` (voxel centres)."""
+        cells = self._body_cells(case)
+        ijk = np.stack(np.unravel_index(cells[rng.integers(len(cells), size=k)], case.shape), 1)  # [k, 3]
+        ijk = np.minimum(ijk + rng.integers(self.config.body_stride, size=(k, 3)), np.asarray(case.shape) - 1)
+        return case.voxel_to_world(ijk)
+
+    # ---- one sample ----------------------------------------------------------------------------
+    def _epoch_cases(self, epoch: int) -> list[str]:
+        """This rank's shard of query cases for `epoch` (disjoint across ranks)."""
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.cases))
+            shard = order[self.rank * self.shard_size:(self.rank + 1) * self.shard_size]
+            self._perm_cache = (epoch, [self.cases[i] for i in shard])
+        return self._perm_cache[1]
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.rank, index])
+
+    def sample(self, index: int) -> dict:
+        """Sample `index` of this rank's stream (a pure function of seed, rank, index and the data)."""
+        epoch, pos = divmod(index, self.samples_per_epoch)
+        shard = self._epoch_cases(epoch)
+        case_a = shard[pos % self.shard_size]
+        rng = self._rng(index)
+        if self.embed_dir is None:
+            return self._intra(case_a, self._body_points(self._case(case_a), 1, rng)[0], 0, rng, index)
+        for attempt in range(self.config.max_retries + 1):
+            out = self._try_pair(case_a, None, None, rng, index, tries=attempt + 1)
+            if out is not None:
+                return out
+        return self._intra(case_a, self._body_points(self._case(case_a), 1, rng)[0],
+                           self.config.max_retries + 1, rng, index)
+
+    def pair(self, query_case: str, points_mm, key_case: str | None = None, index: int = 0) -> dict:
+        """A sample from given candidate points of `query_case` (world mm `[K, 3]`) matched into
+        `key_case` (random when None) in one matcher call; intra at the first point when no
+        candidate reaches the threshold. Randomness from (seed, rank, index)."""
+        for cid in (query_case, key_case):
+            if cid is not None and cid not in self._case_pos:
+                raise ValueError(f"case {cid!r} is not among the sampler's usable cases")
+        rng = self._rng(index)
+        points = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
+        out = None
+        if self.embed_dir is not None:
+            out = self._try_pair(query_case, key_case, points, rng, index, tries=1)
+        return out if out is not None else self._intra(query_case, points[0], int(self.embed_dir is not None),
+                                                       rng, index)
+
+    def _try_pair(self, case_a: str, case_b: str | None, points: np.ndarray | None,
+                  rng: np.random.Generator, index: int, tries: int) -> dict | None:
+        """One matcher call: the inter sample of the best candidate, or None below the threshold."""
+        if case_b is None:
+            j = int(rng.integers(len(self.cases) - 1))
+            case_b = self.cases[j + (j >= self._case_pos[case_a])]  # uniform over cases != A
+        qa = self._case(case_a)
+        if points is None:
+            points = self._body_points(qa, self.config.num_candidates, rng)
+        matched, scores = self.matcher.match(case_a, case_b, points)
+        best = int(np.argmax(scores))
+        if not scores[best] >= self.config.score_threshold:
+            return None
+        kb = self._case(case_b)
+        q_center = _snap(qa, points[best])
+        a_center = _snap(kb, matched[best])
+        query = self._view(qa, q_center, rng)
+        anchor = self._view(kb, a_center, rng)
+        return self._pack(query, anchor, q_center, a_center, case_a, case_b, float(scores[best]),
+                          "inter", tries, rng, index)
+
+    def _intra(self, case_a: str, point_mm, tries: int, rng: np.random.Generator, index: int) -> dict:
+        """Two augmentations of one crop of case A."""
+        qa = self._case(case_a)
+        center = _snap(qa, point_mm)
+        crop = self._window(qa, center)
+        query = self.augment(crop, rng)
+        anchor = self.augment(crop, rng)
+        return self._pack(query, anchor, center, center, case_a, case_a, 1.0, "intra", tries, rng, index)
+
+    def _window(self, case, center_mm: np.ndarray) -> torch.Tensor:
+        r = self.config.roi
+        crop = case.crop(center_mm, (r, r, r), pad_value=int(self.config.pad_hu))  # int16 [R, R, R]
+        lo, hi = self.config.hu_window
+        return torch.from_numpy(hu_window(crop, lo, hi))[None]  # [R, R, R] -> [1, R, R, R]
+
+    def _view(self, case, center_mm: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        return self.augment(self._window(case, center_mm), rng)
+
+    @property
+    def augment(self) -> ViewAugment:
+        if self._augment is None:
+            c = self.config
+            self._augment = ViewAugment(c.rotation, c.rotation_prob, c.noise_std, c.intensity_scale,
+                                        c.intensity_shift)
+        return self._augment
+
+    def _pack(self, query, anchor, q_center, a_center, case_a, case_b, score, kind, tries, rng, index) -> dict:
+        c = self.config
+        block = c.mask_block // c.patch_size  # mask block edge in tokens
+        return {
+            "query": query, "anchor": anchor,
+            "query_mask": torch.from_numpy(block_mask(c.grid, c.mask_ratio, block, rng)),
+            "anchor_mask": torch.from_numpy(block_mask(c.grid, c.mask_ratio, block, rng)),
+            "score": score,
+            "query_center_mm": torch.from_numpy(np.asarray(q_center, dtype=np.float64)),
+            "anchor_center_mm": torch.from_numpy(np.asarray(a_center, dtype=np.float64)),
+            "query_case": case_a, "anchor_case": case_b, "kind": kind, "tries": tries, "index": index,
+        }
+
+    # ---- iteration, state, counters -----------------------------------------------------------
+    def _end(self) -> int | None:
+        return None if self.epochs is None else self.epochs * self.samples_per_epoch
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        start, end, b = self._next, self._end(), self.batch_block
+        k = worker  # block k holds stream indices start + k*b ... start + (k+1)*b - 1
+        while True:
+            first = start + k * b
+            for index in range(first, first + b):
+                if end is not None and index >= end:
+                    return
+                item = self.sample(index)
+                if info is None:  # in the main process the position and counters are ours to keep
+                    self._next = index + 1
+                    self._record([item["kind"]], [item["score"]], [item["tries"]])
+                yield item
+            k += workers
+
+    def _record(self, kinds, scores, tries) -> None:
+        c = self._counts
+        for kind, score, t in zip(kinds, scores, tries):
+            c["samples"] += 1
+            c["matcher_calls"] += int(t)
+            if kind == "inter":
+                c["inter"] += 1
+                c["score_sum"] += float(score)
+            else:
+                c["intra"] += 1
+                c["fallbacks"] += int(t > 0)
+
+    def consumed(self, batch: dict) -> None:
+        """Account for a collated batch made by DataLoader workers (PairLoader calls this)."""
+        n = len(batch["kind"])
+        self._next = int(batch["index"][-1]) + 1 if n else self._next
+        self._record(batch["kind"], batch["score"].tolist(), batch["tries"].tolist())
+
+    def stats(self) -> dict:
+        """Counters over the samples handed out so far by this process (or its PairLoader):
+        `acceptance_rate` = inter / samples that tried matching (1 - fallback rate),
+        `call_acceptance_rate` = inter / matcher calls, `mean_score` over inter pairs, `retries` =
+        matcher calls beyond the first of each sample, `skipped_cases`."""
+        c = self._counts
+        matched = c["inter"] + c["fallbacks"]
+        return {
+            "samples": c["samples"], "inter": c["inter"], "intra": c["intra"], "fallbacks": c["fallbacks"],
+            "matcher_calls": c["matcher_calls"], "retries": c["matcher_calls"] - matched,
+            "acceptance_rate": c["inter"] / matched if matched else float("nan"),
+            "call_acceptance_rate": c["inter"] / c["matcher_calls"] if c["matcher_calls"] else float("nan"),
+            "mean_score": c["score_sum"] / c["inter"] if c["inter"] else float("nan"),
+            "skipped_cases": len(self.skipped),
+        }
+
+    def state_dict(self) -> dict:
+        """Position of the next sample: JSON-serialisable, restored by `load_state_dict`."""
+        epoch, position = divmod(self._next, self.samples_per_epoch)
+        return {"epoch": epoch, "position": position, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "samples_per_epoch": self.samples_per_epoch,
+                "config": asdict(self.config)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the exact stream of the saved state. Only the position is restored; a changed
+        seed, world size or case count cannot continue the same stream, so it restarts the saved
+        epoch with a warning."""
+        same = (state.get("seed") == self.seed and state.get("world_size") == self.world_size
+                and state.get("samples_per_epoch") == self.samples_per_epoch)
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if not same:
+            warn(f"pair sampler state from seed={state.get('seed')}, world_size={state.get('world_size')}, "
+                 f"samples_per_epoch={state.get('samples_per_epoch')} differs from this run's "
+                 f"({self.seed}, {self.world_size}, {self.samples_per_epoch}); restarting epoch {epoch}")
+            position = 0
+        if not 0 <= position < self.samples_per_epoch:
+            raise ValueError(f"sampler position must be in [0, {self.samples_per_epoch}), got {position}")
+        self._next = epoch * self.samples_per_epoch + position
+
+
+def _snap(case, point_mm) -> np.ndarray:
+    """World mm of the voxel nearest to `point_mm` (where `crop` centres), float64 [3]."""
+    return case.voxel_to_world(np.rint(case.world_to_voxel(point_mm)))[0]
+
+
+class PairLoader:
+    """A DataLoader over a `PairDataset` that keeps the dataset's position and counters current in
+    the main process (workers hold copies), so `state_dict()` after any batch resumes exactly and
+    `stats()` covers what was consumed. Each worker makes whole batches of consecutive samples, so
+    batches arrive in stream order for any `num_workers`. Re-iterating continues from the position."""
+
+    def __init__(self, dataset: PairDataset, batch_size: int, num_workers: int = 0, **loader_kwargs):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.loader_kwargs = loader_kwargs
+        dataset.batch_block = self.batch_size
+
+    def __iter__(self):
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                            **self.loader_kwargs)
+        for batch in loader:
+            if self.num_workers > 0:
+                self.dataset.consumed(batch)
+            yield batch
+
+    def stats(self) -> dict:
+        return self.dataset.stats()
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)

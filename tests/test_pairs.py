@@ -1,0 +1,251 @@
+"""Pair sampler on small cached volumes written in the cache format (docs/interfaces.md), with SAM
+embedding files built from ground truth (alice_ds.data.oracle) and the real coarse-to-fine Matcher.
+
+The stand-in cases are affine deformations (scale, rotation about z, translation) of one canonical
+body with organs; their landmarks (organ centres, world mm) are known exactly."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from alice_ds.data.cache import hu_window
+from alice_ds.data.oracle import write_oracle_embedding
+from alice_ds.data.pairs import PairConfig, PairDataset, PairLoader
+from alice_ds.errors import DataError
+from alice_ds.sam.io import embedding_path
+
+SPACING = 3.0  # mm, cache grid of the stand-in cases
+SHAPE = (56, 48, 44)  # voxels: 168 x 144 x 132 mm
+BODY = (70.0, 55.0, 60.0)  # canonical body semi-axes, mm
+ORGANS = {  # name: (canonical centre mm, radius mm, HU)
+    "liver": ((-30.0, -10.0, 15.0), 18.0, 120),
+    "spleen": ((35.0, 5.0, 20.0), 10.0, 90),
+    "spine": ((0.0, 35.0, 0.0), 9.0, 500),
+    "kidney_l": ((30.0, 25.0, -25.0), 9.0, 180),
+    "kidney_r": ((-30.0, 25.0, -25.0), 9.0, 180),
+    "bladder": ((0.0, -15.0, -45.0), 10.0, 10),
+}
+CANONICAL = {k: v[0] for k, v in ORGANS.items()}
+FAST = dict(roi=32, rotation=0.0, noise_std=0.0)  # no augmentation: crops comparable voxel by voxel
+
+
+def _world_from_canonical(rng):
+    """A random affine canonical mm -> world mm: per-axis scale, rotation about z, translation."""
+    s = rng.uniform(0.9, 1.1, size=3)
+    a = np.deg2rad(rng.uniform(-10, 10))
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    m = np.eye(4)
+    m[:3, :3] = rot @ np.diag(s)
+    m[:3, 3] = rng.uniform(-8, 8, size=3)
+    return m
+
+
+def write_case(cache_dir, case_id, rng):
+    """A cached case (int16 .npy + JSON, RAS) and its landmarks in world mm."""
+    to_world = _world_from_canonical(rng)
+    affine = np.diag([SPACING, SPACING, SPACING, 1.0])
+    affine[:3, 3] = -(np.asarray(SHAPE) - 1) * SPACING / 2 + rng.uniform(-6, 6, size=3)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1).reshape(-1, 3)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    inv = np.linalg.inv(to_world)
+    canon = world @ inv[:3, :3].T + inv[:3, 3]  # [N, 3]
+    hu = np.full(len(canon), -1000.0)
+    hu[((canon / np.asarray(BODY)) ** 2).sum(1) <= 1] = 40.0
+    for centre, radius, value in ORGANS.values():
+        hu[((canon - centre) ** 2).sum(1) <= radius ** 2] = value
+    hu += rng.normal(0, 10, size=hu.shape)
+    vol = hu.reshape(SHAPE).astype(np.int16)
+    np.save(cache_dir / f"{case_id}.npy", vol)
+    meta = {"case_id": case_id, "affine": affine.tolist(), "spacing": [SPACING] * 3, "shape": list(SHAPE),
+            "original_shape": list(SHAPE), "original_spacing": [SPACING] * 3, "original_orientation": "RAS",
+            "source": "test stand-in", "fingerprint": case_id, "settings": {}}
+    (cache_dir / f"{case_id}.json").write_text(json.dumps(meta))
+    landmarks = {k: (to_world[:3, :3] @ np.asarray(c) + to_world[:3, 3]).tolist() for k, c in CANONICAL.items()}
+    return affine, vol, landmarks
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Five cached cases, their volumes, landmarks and oracle embeddings."""
+    root = tmp_path_factory.mktemp("pairs")
+    cache, embed = root / "cache", root / "embed"
+    cache.mkdir()
+    rng = np.random.default_rng(2024)
+    cases = {}
+    for i in range(5):
+        cid = f"Case_{i:05d}_0000"
+        affine, vol, lms = write_case(cache, cid, rng)
+        write_oracle_embedding(embedding_path(embed, cid), cid, affine, SHAPE, lms, CANONICAL)
+        cases[cid] = dict(affine=affine, vol=vol, landmarks=lms)
+    return dict(cache=cache, embed=embed, cases=cases, root=root)
+
+
+def _expected_crop(vol, affine, center_mm, roi, pad=-1024):
+    """The crop computed independently of the cache module: [R, R, R] HU with padding."""
+    c = np.rint(np.linalg.solve(affine, np.append(center_mm, 1.0))[:3]).astype(int)
+    out = np.full((roi,) * 3, pad, dtype=np.int16)
+    start = c - roi // 2
+    g = np.stack(np.meshgrid(*[np.arange(roi)] * 3, indexing="ij"), -1) + start  # [R, R, R, 3]
+    inside = ((g >= 0) & (g < np.asarray(vol.shape))).all(-1)
+    out[inside] = vol[tuple(g[inside].T)]
+    return out, inside
+
+
+def _dataset(cohort, embed=True, **cfg):
+    kwargs = dict(FAST)
+    kwargs.update(cfg)
+    return PairDataset(cohort["cache"], cohort["embed"] if embed else None, PairConfig(**kwargs), seed=0,
+                       rank=0, world_size=1)
+
+
+def test_landmark_query_lands_on_the_same_landmark(cohort):
+    ds = _dataset(cohort)
+    ids = sorted(cohort["cases"])
+    # worst case: query snapped to A's voxel, match at a 4 mm fine voxel of B, snapped to B's voxel
+    tol = np.sqrt(3) / 2 * (SPACING * 1.1 + 4.0 + SPACING)
+    errors, wrong = [], []
+    for a, b in [(ids[0], ids[1]), (ids[2], ids[4]), (ids[3], ids[0])]:
+        la, lb = cohort["cases"][a]["landmarks"], cohort["cases"][b]["landmarks"]
+        for name in ORGANS:
+            s = ds.pair(a, [la[name]], key_case=b)
+            assert s["kind"] == "inter" and s["anchor_case"] == b and s["score"] >= 0.7
+            assert np.linalg.norm(s["query_center_mm"].numpy() - la[name]) <= np.sqrt(3) / 2 * SPACING + 1e-6
+            errors.append(np.linalg.norm(s["anchor_center_mm"].numpy() - lb[name]))
+            others = [np.linalg.norm(s["anchor_center_mm"].numpy() - lb[o]) for o in ORGANS if o != name]
+            wrong.append(min(others))
+    assert max(errors) <= tol, (errors, tol)
+    assert np.mean(errors) <= 5.0
+    assert min(wrong) > 25.0  # the match is not merely near *some* landmark
+
+
+def test_crop_content_and_border_padding(cohort):
+    ds = _dataset(cohort)
+    ids = sorted(cohort["cases"])
+    a, b = ids[1], ids[3]
+    case = cohort["cases"][a]
+    corner = case["affine"][:3, :3] @ np.array([2.0, 1.0, SHAPE[2] - 3.0]) + case["affine"][:3, 3]
+    s = ds.pair(a, [corner], key_case=b)
+    exp, inside = _expected_crop(case["vol"], case["affine"], s["query_center_mm"].numpy(), 32)
+    assert (~inside).sum() > 32 ** 3 // 4  # a real border crop: a large part lies outside
+    q = s["query"][0].numpy()
+    np.testing.assert_allclose(q, hu_window(exp), atol=1e-6)
+    assert np.all(q[~inside] == 0.0)  # air padding maps to the bottom of the window
+    # the anchor crop is B's volume around the reported anchor centre
+    kb = cohort["cases"][s["anchor_case"]]
+    exp_b, _ = _expected_crop(kb["vol"], kb["affine"], s["anchor_center_mm"].numpy(), 32)
+    np.testing.assert_allclose(s["anchor"][0].numpy(), hu_window(exp_b), atol=1e-6)
+    assert s["query"].shape == (1, 32, 32, 32) and s["query"].dtype == torch.float32
+    assert s["query_mask"].shape == (16, 16, 16) and s["query_mask"].dtype == torch.bool
+    assert int(s["query_mask"].sum()) == int(s["anchor_mask"].sum()) == 3072  # 0.75 of 16^3
+    assert not torch.equal(s["query_mask"], s["anchor_mask"])  # one mask per view
+
+
+def _same(x, y):
+    for k in x:
+        if isinstance(x[k], torch.Tensor):
+            if not torch.equal(x[k], y[k]):
+                return False
+        elif x[k] != y[k]:
+            return False
+    return True
+
+
+def test_determinism_and_augmentation(cohort):
+    cfg = dict(roi=32, rotation=15.0, noise_std=0.1, intensity_scale=0.1, intensity_shift=0.1)
+    first = [_dataset(cohort, **cfg).sample(i) for i in range(3)]
+    again = [_dataset(cohort, **cfg).sample(i) for i in reversed(range(3))][::-1]
+    assert all(_same(x, y) for x, y in zip(first, again))
+    other = PairDataset(cohort["cache"], cohort["embed"], PairConfig(**cfg), seed=1, rank=0, world_size=1)
+    assert not _same(first[0], other.sample(0))
+    # augmentation is applied: the view differs from the plain windowed crop, stays in [0, 1]
+    s = first[0]
+    case = cohort["cases"][s["query_case"]]
+    exp, _ = _expected_crop(case["vol"], case["affine"], s["query_center_mm"].numpy(), 32)
+    diff = (s["query"][0] - torch.from_numpy(hu_window(exp))).abs()
+    assert diff.mean() > 0.03
+    assert s["query"].min() >= 0.0 and s["query"].max() <= 1.0
+
+
+def test_ranks_get_disjoint_shards_of_equal_length(cohort):
+    cfg = PairConfig(**FAST)
+    r0, r1 = (PairDataset(cohort["cache"], None, cfg, seed=3, rank=r, world_size=2, epochs=3) for r in (0, 1))
+    assert r0.samples_per_epoch == r1.samples_per_epoch == 2  # 5 cases // 2 ranks
+    s0, s1 = list(r0), list(r1)
+    assert len(s0) == len(s1) == 6
+    seen = set()
+    for epoch in range(3):
+        c0 = {s["query_case"] for s in s0[2 * epoch:2 * epoch + 2]}
+        c1 = {s["query_case"] for s in s1[2 * epoch:2 * epoch + 2]}
+        assert len(c0) == len(c1) == 2 and not c0 & c1
+        seen |= c0 | c1
+    assert len(seen) == 5  # the case left out rotates across epochs (seed 3)
+    assert all(s["kind"] == "intra" and s["query_case"] == s["anchor_case"] for s in s0)
+
+
+def test_resume_continues_the_exact_stream_with_workers(cohort):
+    cfg = dict(roi=32, rotation=10.0, noise_std=0.1)
+    reference = PairLoader(_dataset(cohort, **cfg), batch_size=2, num_workers=0)
+    ref = [b for _, b in zip(range(4), reference)]
+    loader = PairLoader(_dataset(cohort, **cfg), batch_size=2, num_workers=2)
+    got = [b for _, b in zip(range(2), loader)]
+    state = json.loads(json.dumps(loader.state_dict()))  # survives a JSON round trip
+    assert state["epoch"] * 5 + state["position"] == 4
+    restored = PairLoader(_dataset(cohort, **cfg), batch_size=2, num_workers=2)
+    restored.load_state_dict(state)
+    got += [b for _, b in zip(range(2), restored)]
+    for x, y in zip(ref, got):
+        assert x["index"].tolist() == y["index"].tolist()
+        assert _same(x, y)
+    assert ref[0]["query"].shape == (2, 1, 32, 32, 32) and ref[0]["query_mask"].shape == (2, 16, 16, 16)
+    assert isinstance(ref[0]["query_case"], list) and len(ref[0]["kind"]) == 2
+    st = loader.stats()
+    assert st["samples"] == 4 and st["inter"] == 4 and st["acceptance_rate"] == 1.0
+    assert 0.9 <= st["mean_score"] <= 1.0
+
+
+def test_fallback_to_intra_is_counted(cohort):
+    # a threshold no fp16 embedding reaches: every try fails, every sample falls back
+    ds = _dataset(cohort, score_threshold=1.0, max_retries=1, num_candidates=4)
+    samples = [s for _, s in zip(range(3), ds)]
+    assert all(s["kind"] == "intra" and s["tries"] == 2 for s in samples)
+    st = ds.stats()
+    assert (st["fallbacks"], st["matcher_calls"], st["retries"], st["acceptance_rate"]) == (3, 6, 3, 0.0)
+    assert ds.state_dict()["position"] == 3
+
+
+def test_bad_embeddings_are_skipped_then_fatal(cohort, tmp_path):
+    ids = sorted(cohort["cases"])
+    embed = tmp_path / "embed"
+    embed.mkdir()
+    for cid in ids[:3]:
+        (embed / f"{cid}.safetensors").write_bytes(embedding_path(cohort["embed"], cid).read_bytes())
+    # ids[3]: file of another case under its name; ids[4]: no file
+    (embed / f"{ids[3]}.safetensors").write_bytes(embedding_path(cohort["embed"], ids[0]).read_bytes())
+    ds = PairDataset(cohort["cache"], embed, PairConfig(**FAST, max_bad_fraction=0.5), rank=0, world_size=1)
+    assert ds.cases == ids[:3] and ds.stats()["skipped_cases"] == 2
+    assert "belongs to case" in ds.skipped[ids[3]] and "no SAM embedding" in ds.skipped[ids[4]]
+    with pytest.raises(DataError, match=r"2 of 5 cases are unusable .*max_bad_fraction=10%"):
+        PairDataset(cohort["cache"], embed, PairConfig(**FAST), rank=0, world_size=1)
+
+
+def test_stale_embedding_grid_is_detected(cohort, tmp_path):
+    ids = sorted(cohort["cases"])
+    embed = tmp_path / "embed"
+    c = cohort["cases"][ids[0]]
+    shifted = c["affine"].copy()
+    shifted[:3, 3] += 60.0  # an embedding computed from a different field of view
+    write_oracle_embedding(embedding_path(embed, ids[0]), ids[0], shifted, SHAPE, c["landmarks"], CANONICAL)
+    for cid in ids[1:]:
+        (embed / f"{cid}.safetensors").write_bytes(embedding_path(cohort["embed"], cid).read_bytes())
+    ds = PairDataset(cohort["cache"], embed, PairConfig(**FAST, max_bad_fraction=0.2), rank=0, world_size=1)
+    assert ids[0] not in ds.cases and "does not cover" in ds.skipped[ids[0]]
+
+
+@pytest.mark.parametrize("field,value", [("roi", 48), ("mask_ratio", 1.2), ("mask_block", 5),
+                                         ("score_threshold", 2.0), ("hu_window", (200, 100)),
+                                         ("num_candidates", 0)])
+def test_config_errors_name_the_value(field, value):
+    with pytest.raises(ValueError, match=field):
+        PairConfig(**{field: value})
