@@ -292,3 +292,47 @@ def test_center_update_is_mean_over_two_gloo_ranks(tmp_path):
     # the ranks saw different teachers, so a rank-local mean would differ from the global one
     local0 = torch.cat(teachers[0][0]).mean(0)
     assert (0.1 * local0 - torch.tensor(got[0]["center"])).abs().max() > 1e-2
+
+
+def test_alice_loss_matches_reference_composition_and_gradients():
+    """Random fp32 case: AliceLoss's total and its student gradients equal the same loss built
+    from the reference functions."""
+    g = torch.Generator().manual_seed(5)
+    nv, k, kp, ntok = 2, 16, 8, 6
+    loss_fn = AliceLoss(k, kp, warmup_teacher_temp_steps=0, teacher_temp=0.05, teacher_patch_temp=0.06)
+    loss_fn.center.normal_(generator=g)
+    loss_fn.center2.normal_(generator=g)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+    sc = [leaf(B, k) for _ in range(nv)]
+    tc = [torch.randn(B, k, generator=g) for _ in range(nv)]
+    sp = [leaf(B, ntok, kp) for _ in range(nv)]
+    tp = [torch.randn(B, ntok, kp, generator=g) for _ in range(nv)]
+    rec = [leaf(B, 1, 6, 6, 6) for _ in range(nv)]
+    tgt = [torch.randn(B, 1, 6, 6, 6, generator=g) for _ in range(nv)]
+    masks = [torch.rand(B, 3, 3, 3, generator=g) < 0.5 for _ in range(nv)]
+    c, c2 = loss_fn.center.clone(), loss_fn.center2.clone()
+    out = loss_fn(sc, tc, sp, tp, rec, tgt, masks, step=0)
+    out["loss"].backward()
+    got = [x.grad.clone() for x in sc + sp + rec]
+    for x in sc + sp + rec:
+        x.grad = None
+
+    cls = torch.stack([reference.centered_cross_entropy(sc[v], tc[q], c, 0.1, 0.05).mean()
+                       for q in range(nv) for v in range(nv) if q != v]).mean()
+    patch = torch.stack([reference.centered_cross_entropy(sp[v].reshape(-1, kp), tp[v].reshape(-1, kp),
+                                                          c2, 0.1, 0.06).mean() for v in range(nv)]).mean()
+    recon = torch.stack([reference.masked_mse(rec[v], tgt[v], masks[v], 2) for v in range(nv)]).mean()
+    total = cls + patch + 10 * recon
+    total.backward()
+    assert out["loss"].item() == pytest.approx(total.item(), rel=1e-5)
+    for a, x in zip(got, sc + sp + rec):
+        torch.testing.assert_close(a, x.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_all_reduce_mean_without_process_group_is_identity():
+    from alice_ds.dist import all_reduce_mean, is_dist, world_size
+    t = torch.arange(3.0)
+    assert not is_dist() and world_size() == 1
+    assert all_reduce_mean(t) is t
