@@ -76,9 +76,11 @@ def save_teacher(path: Path, ema, zero3: bool) -> None:
 
 
 def save(engine, module, ema, ckpt_root: Path, tag: str, step: int, config: dict, zero_stage: int,
-         rank_state: dict, rank_tensors: dict[str, torch.Tensor], keep_last: int) -> Path:
+         rank_state: dict, rank_tensors: dict[str, torch.Tensor], keep_last: int,
+         update_latest: bool = True) -> Path:
     """Every rank calls this. `rank_state`/`rank_tensors`: this rank's JSON state and extra tensors
-    (sampler state, counters). Returns the checkpoint directory."""
+    (sampler state, counters). `update_latest=False` for `best`, which `--resume auto` must not pick
+    over a newer step checkpoint. Returns the checkpoint directory."""
     import deepspeed.comm as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -98,7 +100,7 @@ def save(engine, module, ema, ckpt_root: Path, tag: str, step: int, config: dict
             {"step": step, "world_size": world, "zero_stage": zero_stage, "config": config,
              "alice_ds_version": __version__}, indent=2))
     dist.barrier()
-    if rank == 0:
+    if rank == 0 and update_latest:
         _atomic_write_text(ckpt_root / LATEST, tag)
         prune(ckpt_root, keep_last)
     dist.barrier()

@@ -76,8 +76,9 @@ class DataConfig:
     """SAM embeddings (`alice-ds embed`); None = intra-case pairs only (no SAM matching)."""
     roi: int = 96
     """Crop edge in voxels (cubic crops); a multiple of 32. Reference code: 64."""
-    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
-    """Voxel spacing of the cache in mm (x, y, z); recorded for export, checked against the cache."""
+    spacing: tuple[float, float, float] | None = None
+    """Voxel spacing of the cache in mm (x, y, z); None = read from the cache (recorded for the
+    export); given, it must match the cache."""
     hu_window: tuple[float, float] = (-125.0, 225.0)
     """HU window mapped to [0, 1]."""
     mask_ratio: float = 0.75
@@ -92,13 +93,14 @@ class DataConfig:
     """Repeat the first batch forever (debugging: the loss must fall)."""
 
     def __post_init__(self):
-        self.spacing = tuple(float(s) for s in self.spacing)
+        if self.spacing is not None:
+            self.spacing = tuple(float(s) for s in self.spacing)
         self.hu_window = tuple(float(h) for h in self.hu_window)
         if self.roi <= 0 or self.roi % ROI_MULTIPLE:
             raise UserError(f"--roi must be a positive multiple of {ROI_MULTIPLE}, got {self.roi}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise UserError(f"data.mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
             raise UserError(f"data.spacing must be three positive mm values, got {self.spacing}")
         if len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]:
             raise UserError(f"data.hu_window must be [low, high] with low < high, got {self.hu_window}")

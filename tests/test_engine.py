@@ -1,0 +1,194 @@
+"""Real 2-rank DeepSpeed pretraining on CPU (gloo, bf16 autocast, sanity checks on), tiny SwinUNETR
+(F=12, 64^3) on phantom data. The runs are shared through the `ds_run` fixture (tests/conftest.py):
+ZeRO-3 overfits one batch, ZeRO-2 validates and prunes, ZeRO-1 runs as two 'nodes'."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from alice_ds.engine.distenv import first_slurm_host, setup_env
+from alice_ds.errors import UserError
+
+EMA_RTOL = 1e-6
+RESUME_ATOL = 1e-5
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _teacher(out, tag):
+    """Full fp32 teacher tensors of a checkpoint, reassembled as docs/interfaces.md says."""
+    d = out / "checkpoints" / tag
+    state = json.loads((d / "alice_state.json").read_text())
+    ranks = range(state["world_size"]) if state["zero_stage"] == 3 else range(1)
+    files = [safe_open(str(d / f"teacher_fp32_rank{r}.safetensors"), "pt") for r in ranks]
+    shapes = json.loads(files[0].metadata().get("zero3_shapes", "{}"))
+    full = {}
+    for name in files[0].keys():
+        parts = [f.get_tensor(name) for f in files]
+        assert all(p.dtype == torch.float32 for p in parts)
+        if shapes:
+            shape = shapes[name]
+            full[name] = torch.cat(parts)[:math.prod(shape)].view(shape)
+        else:
+            full[name] = parts[0]
+    return full
+
+
+def _student(out, tag):
+    """fp32 master weights of student + CASA (DeepSpeed's zero_to_fp32), teacher-style names."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=tag,
+                                                  exclude_frozen_parameters=True)
+    return {k[len("student."):]: v.float() for k, v in sd.items() if k.startswith("student.")}
+
+
+def _rel(a: dict, b: dict) -> float:
+    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in b)
+    den = sum(float(b[k].double().pow(2).sum()) for k in b)
+    return math.sqrt(num / den)
+
+
+def _check_ema(out):
+    """Teacher after step 3 == m3 * (m2 * T1 + (1 - m2) * S2) + (1 - m3) * S3 with the student's fp32
+    masters S_k saved each step and the logged momenta m_k (relative error <= 1e-6)."""
+    mom = {m["step"]: m["momentum"] for m in _metrics(out)}
+    ref = _teacher(out, "step_1")
+    t1 = {k: v.clone() for k, v in ref.items()}
+    for step in (2, 3):
+        s = _student(out, f"step_{step}")
+        assert s.keys() == ref.keys()
+        ref = {k: mom[step] * ref[k].double() + (1 - mom[step]) * s[k].double() for k in ref}
+    got = _teacher(out, "step_3")
+    moved = _rel(t1, ref)
+    assert moved > 100 * EMA_RTOL, f"teacher moved only {moved:.2e}: the test could not tell"
+    err = _rel(got, ref)
+    assert err <= EMA_RTOL, f"fp32 teacher differs from the reference EMA: rel err {err:.3e}"
+    return err
+
+
+def test_launcher_env_mapping():
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[07-08,11]"}
+    e = setup_env(env)
+    assert (e.rank, e.local_rank, e.world_size, e.launcher) == (5, 1, 8, "slurm")
+    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == ("5", "8", "gpu07", "29500")
+    assert first_slurm_host("a1,b2") == "a1"
+    e = setup_env({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"})
+    assert (e.rank, e.world_size, e.launcher) == (1, 2, "env")
+    assert setup_env({}).world_size == 1
+    with pytest.raises(UserError, match="RANK=3 is outside WORLD_SIZE=2"):
+        setup_env({"RANK": "3", "WORLD_SIZE": "2"})
+
+
+def test_user_mistakes_exit_2_with_one_line(engine_inputs, phantom_cache, tmp_path, capsys):
+    import runpy
+
+    main = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "launch", "train.py"))["main"]
+    base = ["--config", str(engine_inputs / "tiny.yaml"), "--deepspeed_config", str(engine_inputs / "zero1.json"),
+            "--json_list", str(engine_inputs / "datalist.json"), "--cache_dir", str(phantom_cache),
+            "--output_dir", str(tmp_path)]
+    assert main(base + ["--roi", "50"]) == 2
+    assert "--roi must be a positive multiple of 32, got 50" in capsys.readouterr().err
+    assert main(base + ["--lr", "1e-5", "--min_lr", "1e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "min_lr 0.0001 must be below the peak lr 3.90625e-08" in err and "Traceback" not in err
+
+
+def test_zero3_overfit_ema_and_checkpoint_layout(ds_run):
+    out = ds_run(3)
+    m = _metrics(out)
+    assert [x["step"] for x in m] == [1, 2, 3]
+    for x in m:
+        assert all(math.isfinite(x[k]) for k in ("loss", "cls", "patch", "recon", "lr", "momentum", "samples_per_s"))
+    assert m[-1]["loss"] < m[0]["loss"], [x["loss"] for x in m]
+    _check_ema(out)
+    # layout shared with the export (docs/interfaces.md)
+    ck = out / "checkpoints"
+    assert (ck / "latest").read_text() == "step_3"
+    state = json.loads((ck / "step_3" / "alice_state.json").read_text())
+    assert (state["step"], state["world_size"], state["zero_stage"]) == (3, 2, 3)
+    assert state["config"]["model"]["feature_size"] == 12 and state["config"]["data"]["roi"] == 64
+    assert len(state["config"]["data"]["spacing"]) == 3
+    for r in (0, 1):
+        with safe_open(str(ck / "step_3" / f"teacher_fp32_rank{r}.safetensors"), "pt") as f:
+            assert f.get_tensor("backbone.mask_token").ndim == 1  # a flat ZeRO-3 partition
+        assert (ck / "step_3" / f"state_rank{r}.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["run"]["num_steps"] == 3
+    assert list((out / "monitor").rglob("*.csv")), "DeepSpeed CSV monitor wrote nothing"
+    # last layers are frozen during step 1 (lr 0 on their partitioned group): teacher == student there
+    t1, s1 = _teacher(out, "step_1"), _student(out, "step_1")
+    for name in ("head.last_layer.weight_v", "head.patch_last_layer.weight_v"):
+        torch.testing.assert_close(t1[name], s1[name], rtol=0, atol=0)
+    assert not torch.equal(t1["head.mlp.0.weight"], s1["head.mlp.0.weight"])
+
+
+def test_zero1_two_nodes_ema(ds_run):
+    out = ds_run(1)
+    m = _metrics(out)
+    assert [x["step"] for x in m] == [1, 2, 3] and all(math.isfinite(x["loss"]) for x in m)
+    assert json.loads((out / "checkpoints" / "step_3" / "alice_state.json").read_text())["world_size"] == 2
+    _check_ema(out)
+
+
+def test_zero2_validation_best_and_pruning(ds_run):
+    out = ds_run(2)
+    m = _metrics(out)
+    assert all(math.isfinite(x["loss"]) for x in m)
+    assert math.isfinite(m[-1]["val_loss"]) and "val_loss" not in m[0]
+    tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["best", "step_2"], tags  # keep_last 1 removed step_1; best is kept
+    assert (out / "checkpoints" / "latest").read_text() == "step_2"
+
+
+def _wait_for(path, text, procs, timeout=600):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.is_file() and text in path.read_text():
+            return
+        assert all(p.poll() is None for p in procs), path.read_text()[-3000:]
+        time.sleep(0.5)
+    raise AssertionError(f"{text!r} not seen in {path}")
+
+
+def test_exact_resume_after_sigterm(ds_run, ds_launch, tmp_path):
+    """Reference: 3 steps (ZeRO-1). Resume from its step_1, SIGTERM during step 2 (checkpoint + exit 0),
+    resume again for step 3: per-step losses, teacher and student equal the uninterrupted run."""
+    import psutil
+
+    ref = ds_run(1)
+    out = tmp_path / "resumed"
+    shutil.copytree(ref / "checkpoints" / "step_1", out / "checkpoints" / "step_1")
+    (out / "checkpoints" / "latest").write_text("step_1")
+    (proc,) = ds_launch(out, 1, 3, ["--resume", "auto"], wait=False)
+    _wait_for(out / "launch0.log", "resumed from", [proc])
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(c.cmdline())]
+    assert len(ranks) == 2
+    for c in ranks:
+        c.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == 0, (out / "launch0.log").read_text()[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step_2"
+    assert "preemption signal" in (out / "launch0.log").read_text()
+    (proc,) = ds_launch(out, 1, 3, ["--resume", "auto"])
+    assert proc.returncode == 0, (out / "launch1.log").read_text()[-3000:]
+
+    want = {x["step"]: x for x in _metrics(ref)}
+    got = _metrics(out)
+    assert [x["step"] for x in got] == [2, 3]
+    for x in got:
+        for k in ("loss", "cls", "patch", "recon"):
+            assert abs(x[k] - want[x["step"]][k]) <= RESUME_ATOL, (x["step"], k, x[k], want[x["step"]][k])
+        assert x["lr"] == want[x["step"]]["lr"] and x["momentum"] == want[x["step"]]["momentum"]
+    for fn in (_teacher, _student):
+        a, b = fn(out, "step_3"), fn(ref, "step_3")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=RESUME_ATOL)
