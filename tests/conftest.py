@@ -47,3 +47,114 @@ def phantom_cache(phantom_dir, phantom_datalist, tmp_path_factory):
     preprocess_dataset(phantom_dir, phantom_datalist, cache, spacing=PHANTOM_CACHE_SPACING, show=False)
     return cache
 # ---- end of data fixtures ----
+
+
+# ---- Engine fixtures (alice_ds.engine: real 2-rank DeepSpeed pretraining runs, shared by tests) ----
+ENGINE_YAML = """\
+model: {preset: tiny, out_dim: 256, patch_out_dim: 256, head_hidden_dim: 512, head_bottleneck_dim: 128,
+        casa_heads: 4, casa_ffn_dim: 512}
+data: {roi: 64, num_workers: 0}
+run: {batch_size: 1, save_every: 1, keep_last: 0}
+optim: {lr: 0.2, min_lr: 1.0e-6, warmup_steps: 0, freeze_last_layer_steps: 1, momentum_start: 0.9}
+loss: {warmup_teacher_temp_steps: 5}
+"""
+"""presets/tiny.yaml with every step checkpointed, no lr warmup (step 1 already moves the weights) and
+a teacher momentum of 0.9 so the EMA moves by far more than the 1e-6 tolerance of the EMA test."""
+
+ENGINE_RUNS = {
+    # stage: (num_steps, extra flags, nodes); nodes=2 runs two `deepspeed.launcher.launch` processes
+    3: (3, ["--overfit_one_batch"], 1),
+    2: (2, ["--val_every", "2", "--keep_last", "1"], 1),
+    1: (3, [], 2),
+}
+"""The shared runs: ZeRO-3 overfits one batch, ZeRO-2 validates and prunes, ZeRO-1 trains on two
+'nodes' and is the reference of the exact-resume test."""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def engine_inputs(phantom_dir, phantom_cache, tmp_path_factory):
+    """(config yaml, datalist, DeepSpeed configs dir) for engine runs: every phantom case trains, and
+    two also form the validation split (one per rank)."""
+    import json
+
+    from alice_ds.data.cache import list_cases
+
+    root = tmp_path_factory.mktemp("engine_inputs")
+    (root / "tiny.yaml").write_text(ENGINE_YAML)
+    cases = list_cases(phantom_cache)
+    entries = [{"image": f"imagesTr/{c}.nii.gz"} for c in cases]
+    (root / "datalist.json").write_text(json.dumps({"training": entries, "validation": entries[-2:]}))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for stage in (1, 2, 3):
+        cfg = json.load(open(os.path.join(repo, "ds_configs", f"zero{stage}_bf16.json")))
+        cfg["zero_optimization"]["enable_sanity_checks"] = True
+        (root / f"zero{stage}.json").write_text(json.dumps(cfg))
+    return root
+
+
+@pytest.fixture(scope="session")
+def ds_launch(engine_inputs, phantom_dir, phantom_cache):
+    """`ds_launch(out_dir, stage, num_steps, extra=[], nodes=1, wait=True)`: run launch/train.py on 2
+    ranks through the real DeepSpeed launcher (`deepspeed --num_gpus 2`, or with nodes=2 two
+    `python -m deepspeed.launcher.launch --node_rank 0/1` processes sharing one master). Returns the
+    launcher Popen objects (finished when `wait`); stdout+stderr go to `<out_dir>/launch<i>.log`."""
+    import base64
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def launch(out_dir, stage, num_steps, extra=(), nodes=1, wait=True):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        args = [os.path.join(repo, "launch", "train.py"), "--config", str(engine_inputs / "tiny.yaml"),
+                "--deepspeed_config", str(engine_inputs / f"zero{stage}.json"),
+                "--data_dir", str(phantom_dir), "--json_list", str(engine_inputs / "datalist.json"),
+                "--cache_dir", str(phantom_cache), "--output_dir", str(out_dir),
+                "--num_steps", str(num_steps), *extra]
+        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", ALICE_DS_PROGRESS="0")
+        port = str(_free_port())
+        if nodes == 1:
+            cmds = [[os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+                     "--master_port", port, *args]]
+        else:
+            info = base64.urlsafe_b64encode(json.dumps({f"node{i}": [0] for i in range(nodes)}).encode()).decode()
+            cmds = [[sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}",
+                     f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}", *args]
+                    for i in range(nodes)]
+        procs = [subprocess.Popen(c, env=env, stdout=open(out_dir / f"launch{i}.log", "ab"),
+                                  stderr=subprocess.STDOUT, cwd=repo) for i, c in enumerate(cmds)]
+        if wait:
+            for p in procs:
+                p.wait(timeout=900)
+        return procs
+
+    return launch
+
+
+@pytest.fixture(scope="session")
+def ds_run(ds_launch, tmp_path_factory):
+    """`ds_run(stage) -> output_dir` of a finished 2-rank bf16 run of ZeRO-`stage` (1, 2 or 3; see
+    ENGINE_RUNS), trained once per session and shared (export tests read its checkpoints)."""
+    done: dict[int, object] = {}
+
+    def run(stage: int):
+        if stage not in done:
+            steps, extra, nodes = ENGINE_RUNS[stage]
+            out = tmp_path_factory.mktemp(f"ds_run_zero{stage}")
+            procs = ds_launch(out, stage, steps, extra, nodes=nodes)
+            logs = "\n".join((out / f"launch{i}.log").read_text()[-3000:] for i in range(len(procs)))
+            assert all(p.returncode == 0 for p in procs), f"ZeRO-{stage} run failed:\n{logs}"
+            done[stage] = out
+        return done[stage]
+
+    return run
+# ---- end of engine fixtures ----
