@@ -34,6 +34,8 @@ ATLAS_Z_TOP = 660.0
 """Top of the modelled body range in atlas mm (lung apices); 0 is the lower pelvis."""
 
 AIR_HU = -1000.0
+_HU_RANGE = (-1024.0, 3071.0)
+"""Range of 12-bit CT values as scanners store them."""
 
 # Vertebral levels, bottom to top: (name, atlas z of the body centre in mm). Lumbar levels are 36 mm
 # apart, thoracic 27 mm (adult averages); S1-S2 are fused (no discs).
@@ -187,9 +189,12 @@ def _draw_subject(rng: np.random.Generator, profile: Profile, index: int) -> Sub
                    hu_jitter=rng.uniform(0.92, 1.08))
 
 
+_LIVER_TAPER = (0.75, 0.25)
+"""Liver cross-section scale = a + b * u along its x axis (u = -1 at the left lobe tip, 1 at the right)."""
+
 # Ellipsoid organs: atlas centre (x, y, z) and semi-axes (mm).
 _ORGANS = {
-    "liver": ((62.0, 5.0, 420.0), (68.0, 80.0, 72.0)),
+    "liver": ((52.0, 5.0, 420.0), (84.0, 80.0, 72.0)),
     "gallbladder": ((42.0, 58.0, 372.0), (15.0, 15.0, 28.0)),
     "spleen": ((-88.0, -35.0, 425.0), (24.0, 45.0, 50.0)),
     "kidney_right": ((72.0, -42.0, 268.0), (27.0, 24.0, 55.0)),
@@ -321,19 +326,30 @@ def _render(sub: Subject, rng: np.random.Generator):
     # visceral fat until organs fill it. Depth below the skin is approximated from the ellipse radius.
     qx, qy, qz = grid.q(full)
     fat = np.float32(sub.fat_mm)
-    rx = np.interp(qz, _BODY_Z, _BODY_RX).astype(np.float32) + fat
+    rx = (np.interp(qz, _BODY_Z, _BODY_RX) + fat).astype(np.float32)             # [1, 1, nz]
     ry = np.interp(qz, _BODY_Z, _BODY_RY).astype(np.float32)
-    ry_here = np.where(qy < 0, ry * np.float32(_BACK_DEPTH_RATIO), ry) + fat
-    r = np.sqrt((qx / rx) ** 2 + (qy / ry_here) ** 2)
-    depth = (1.0 - r) * (rx + ry_here) * np.float32(0.5)
-    back = np.clip(-qy / ry_here - np.float32(0.2), 0, 0.8) * np.float32(_BACK_MUSCLE_MM / 0.8)
-    del r, ry_here, qx
+    ry_here = np.where(qy < 0, ry * np.float32(_BACK_DEPTH_RATIO) + fat, ry + fat)
+    # In place from here on (these full-grid temporaries dominate the time of a case).
+    qx /= rx
+    qx *= qx
+    qy /= ry_here                                                                # signed y / radius
+    depth = np.sqrt(qx + qy * qy)                                                # normalised radius r
+    np.subtract(1.0, depth, out=depth)
+    ry_here += rx
+    ry_here *= np.float32(0.5)
+    depth *= ry_here                                                             # (1 - r) * mean radius
+    del qx, ry_here
+    back = qy                                                                    # extra posterior muscle
+    np.negative(back, out=back)
+    back -= np.float32(0.2)
+    np.clip(back, 0.0, 0.8, out=back)
+    back *= np.float32(_BACK_MUSCLE_MM / 0.8)
     pt.body = depth > 0
     pt.hu[pt.body] = T["skin"]
     pt.hu[depth > _SKIN_MM] = T["subcutaneous_fat"]
     pt.h = depth - (fat + np.float32(sub.muscle_mm)) - back
     pt.hu[(depth > fat) & (pt.h <= 0)] = T["muscle"]
-    del depth, back, qy
+    del depth, back
     pt.cavity = pt.h > 0
     pt.hu[pt.cavity] = T["visceral_fat"]
 
@@ -352,9 +368,12 @@ def _render(sub: Subject, rng: np.random.Generator):
         s = grid.box(o.lo() - pad, o.hi() + pad)
         return s, grid.q(s), o
 
-    # Liver (below the right dome) and gallbladder.
+    # Liver (below the right dome): a wedge, thick on the right, thinning into the left lobe.
     sl, q, o = organ_box("liver")
-    m = (_ellipsoid(q, o) < 1) & (q[2] < _dome(q[0], q[1]) - 4) & pt.cavity[sl]
+    u = (q[0] - o.center[0]) / o.radii[0]                                   # -1 left tip .. 1 right edge
+    taper = np.clip(_LIVER_TAPER[0] + _LIVER_TAPER[1] * u, 0.3, 1.0)
+    e = u ** 2 + (((q[1] - o.center[1]) / o.radii[1]) ** 2 + ((q[2] - o.center[2]) / o.radii[2]) ** 2) / taper ** 2
+    m = (e < 1) & (q[2] < _dome(q[0], q[1]) - 4) & pt.cavity[sl]
     pt.put(sl, m, phase["liver"], LABELS["liver"])
     sl, q, o = organ_box("gallbladder")
     pt.put(sl, (_ellipsoid(q, o) < 1) & pt.cavity[sl], T["bile"], LABELS["gallbladder"])
@@ -369,6 +388,9 @@ def _render(sub: Subject, rng: np.random.Generator):
         m = (e < 1) & pt.cavity[sl]
         pt.put(sl, m, phase["kidney_cortex"], LABELS[f"kidney_{side}"])
         pt.put(sl, m & (e < 0.55), phase["kidney_medulla"])
+        medial = (q[0] - o.center[0]) * np.sign(o.center[0]) < 0
+        hilum = m & (e < 0.3) & medial & (np.abs(q[2] - o.center[2]) < 0.5 * o.radii[2])
+        pt.put(sl, hilum, TISSUE_HU["visceral_fat"])                        # renal sinus fat
     # Stomach: wall, fluid, and gas rising anteriorly (the patient is supine).
     sl, q, o = organ_box("stomach")
     e = _ellipsoid(q, o)
@@ -397,11 +419,17 @@ def _render(sub: Subject, rng: np.random.Generator):
     _ribs(grid, pt, sub)
     _pelvis(grid, pt, sub)
 
+    # CT noise is correlated in-plane: white noise summed over 2x2 neighbours (std x2, hence 0.5).
     noise = rng.standard_normal(sub.shape, dtype=np.float32)
-    noise *= np.float32(sub.noise_hu)
-    pt.hu += noise
-    image = np.clip(np.rint(pt.hu), -1024, 3071).astype(np.int16)
-    return grid, image, pt.label
+    noise[1:] += noise[:-1]
+    noise[:, 1:] += noise[:, :-1]
+    noise *= np.float32(0.5 * sub.noise_hu)
+    hu = pt.hu
+    hu += noise
+    del noise
+    np.rint(hu, out=hu)
+    np.clip(hu, *_HU_RANGE, out=hu)
+    return grid, hu.astype(np.int16), pt.label
 
 
 def _tube(qx, qy, cx, cy, r):
