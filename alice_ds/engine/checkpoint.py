@@ -15,6 +15,7 @@ No pickle: tensors in safetensors, the rest in JSON.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -149,32 +150,64 @@ def resolve_resume(ckpt_root: Path, resume: str | None) -> str | None:
     return tag
 
 
+def _full_teacher(d: Path, saved: dict) -> dict[str, torch.Tensor]:
+    """Full fp32 teacher tensors of a checkpoint, reassembled from its ZeRO-3 shards if need be."""
+    ranks = range(saved["world_size"]) if saved["zero_stage"] == 3 else range(1)
+    files = [d / f"teacher_fp32_rank{r}.safetensors" for r in ranks]
+    parts = [load_file(str(f)) for f in files]
+    if saved["zero_stage"] != 3:
+        return parts[0]
+    shapes = json.loads(read_teacher_metadata(files[0])["zero3_shapes"])
+    return {n: torch.cat([p[n] for p in parts])[:math.prod(shapes[n])].view(shapes[n]) for n in shapes}
+
+
+def _local_teacher(full: dict[str, torch.Tensor], ema, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's view of full teacher tensors: whole, or its padded ZeRO-3 partition
+    (partition r of world w = flat[r*n:(r+1)*n], n = ceil(numel / w), zero padded)."""
+    out = {}
+    for n, p in zip(ema.names, ema.teacher):
+        if not hasattr(p, "ds_tensor"):
+            out[n] = full[n]
+            continue
+        size = p.ds_tensor.numel()
+        flat = torch.zeros(size * world, dtype=full[n].dtype)
+        flat[:full[n].numel()] = full[n].reshape(-1)
+        out[n] = flat[rank * size:(rank + 1) * size]
+    return out
+
+
 def load(engine, module, ema, ckpt_root: Path, tag: str, zero_stage: int) -> tuple[dict, dict]:
     """Restore DeepSpeed state, the fp32 teacher, buffers and RNG states. Returns
-    (alice_state, this rank's JSON state) so the trainer restores step, sampler and counters."""
+    (alice_state, this rank's JSON state) so the trainer restores step, sampler and counters.
+    Another world size or ZeRO stage needs a universal checkpoint (README "Scaling out"); the teacher
+    is then re-partitioned and ranks beyond the saved ones take rank 0's state."""
     import deepspeed.comm as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     d = ckpt_root / tag
     alice_state = json.loads((d / "alice_state.json").read_text())
-    if alice_state["world_size"] != world or alice_state["zero_stage"] != zero_stage:
+    same_layout = alice_state["world_size"] == world and alice_state["zero_stage"] == zero_stage
+    if not same_layout and not engine.load_universal_checkpoint():
         raise UserError(f"{d}: saved with world size {alice_state['world_size']} and ZeRO-"
                         f"{alice_state['zero_stage']}, this run has {world} and ZeRO-{zero_stage}; convert it "
-                        "with DeepSpeed's ds_to_universal.py and resume with checkpoint.load_universal "
-                        "(README 'Scaling out')")
+                        "with DeepSpeed's ds_to_universal and resume with \"checkpoint\": {\"load_universal\": "
+                        "true} (README 'Scaling out')")
     load_path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_module_strict=True)
     if load_path is None:
         raise DataError(d, "DeepSpeed could not load this checkpoint")
-    teacher_file = d / f"teacher_fp32_rank{rank if zero_stage == 3 else 0}.safetensors"
-    ema.load_local_state(load_file(str(teacher_file)), str(teacher_file))
-    state_file = d / f"state_rank{rank}.safetensors"
-    tensors = load_file(str(state_file))
+    if same_layout:
+        teacher_file = d / f"teacher_fp32_rank{rank if zero_stage == 3 else 0}.safetensors"
+        ema.load_local_state(load_file(str(teacher_file)), str(teacher_file))
+    else:
+        ema.load_local_state(_local_teacher(_full_teacher(d, alice_state), ema, rank, world), str(d))
+    saved_rank = rank if rank < alice_state["world_size"] else 0
+    tensors = load_file(str(d / f"state_rank{saved_rank}.safetensors"))
     with torch.no_grad():
         for n, b in module.named_buffers():
             key = f"buffer.{n}"
             if key in tensors:
                 b.copy_(tensors[key])
-    rank_state = json.loads((d / f"state_rank{rank}.json").read_text())
+    rank_state = json.loads((d / f"state_rank{saved_rank}.json").read_text())
     set_rng_state(tensors, rank_state["rng"])
     rank_state["tensors"] = {k: v for k, v in tensors.items()
                              if not k.startswith(("buffer.", "rng."))}
