@@ -329,7 +329,10 @@ def parameter_count(feature_size: int | str, use_v2: bool = False) -> int:
     """Trainable parameters of MONAI `SwinUNETR(in_channels=1, out_channels=1, feature_size=F, use_v2)`
     (= ours without `mask_token`). `feature_size` may be a preset name. Counted on the meta device,
     so no memory is allocated even for H (F=192)."""
-    fs = PRESETS[feature_size] if isinstance(feature_size, str) else feature_size
+    if isinstance(feature_size, str):
+        if feature_size not in PRESETS:
+            raise ValueError(f"unknown preset {feature_size!r}, choose one of {sorted(PRESETS)}")
+        feature_size = PRESETS[feature_size]
     with torch.device("meta"):
-        model = SwinBackbone(fs, use_v2=use_v2)
+        model = SwinBackbone(feature_size, use_v2=use_v2)
     return sum(p.numel() for name, p in model.named_parameters() if name != "mask_token")
