@@ -336,3 +336,29 @@ def test_all_reduce_mean_without_process_group_is_identity():
     t = torch.arange(3.0)
     assert not is_dist() and world_size() == 1
     assert all_reduce_mean(t) is t
+
+
+def test_mixed_dtypes_bf16_student_fp32_teacher(small_chunks):
+    """Under autocast the student may be bf16 while the target/teacher is fp32."""
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(6, 40, generator=g).bfloat16().requires_grad_()
+    t = torch.randn(6, 40, generator=g)
+    loss = centered_cross_entropy(s, t, torch.zeros(40), STUDENT_TEMP, TEACHER_TEMP)
+    loss.sum().backward()
+    ref_s = s.detach().float().requires_grad_()
+    ref = reference.centered_cross_entropy(ref_s, t, torch.zeros(40), STUDENT_TEMP, TEACHER_TEMP)
+    ref.sum().backward()
+    assert s.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref.detach(), **CE_TOL)
+    torch.testing.assert_close(s.grad.float(), ref_s.grad, **BF16_GRAD_TOL)
+
+    p = torch.rand(1, 1, 6, 6, 6, generator=g).bfloat16().requires_grad_()
+    tg = torch.rand(1, 1, 6, 6, 6, generator=g)
+    m = torch.rand(1, 3, 3, 3, generator=g) < 0.5
+    loss = masked_mse(p, tg, m, 2)
+    loss.backward()
+    ref_p = p.detach().float().requires_grad_()
+    ref = reference.masked_mse(ref_p, tg, m, 2)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(p.grad.float(), ref_p.grad, atol=1e-4, rtol=8e-3)
