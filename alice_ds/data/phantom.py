@@ -324,34 +324,9 @@ def _render(sub: Subject, rng: np.random.Generator):
 
     # Body wall: skin, subcutaneous fat, muscle (thicker at the back); inside it the cavity is
     # visceral fat until organs fill it. Depth below the skin is approximated from the ellipse radius.
-    qx, qy, qz = grid.q(full)
-    fat = np.float32(sub.fat_mm)
-    rx = (np.interp(qz, _BODY_Z, _BODY_RX) + fat).astype(np.float32)             # [1, 1, nz]
-    ry = np.interp(qz, _BODY_Z, _BODY_RY).astype(np.float32)
-    ry_here = np.where(qy < 0, ry * np.float32(_BACK_DEPTH_RATIO) + fat, ry + fat)
-    # In place from here on (these full-grid temporaries dominate the time of a case).
-    qx /= rx
-    qx *= qx
-    qy /= ry_here                                                                # signed y / radius
-    depth = np.sqrt(qx + qy * qy)                                                # normalised radius r
-    np.subtract(1.0, depth, out=depth)
-    ry_here += rx
-    ry_here *= np.float32(0.5)
-    depth *= ry_here                                                             # (1 - r) * mean radius
-    del qx, ry_here
-    back = qy                                                                    # extra posterior muscle
-    np.negative(back, out=back)
-    back -= np.float32(0.2)
-    np.clip(back, 0.0, 0.8, out=back)
-    back *= np.float32(_BACK_MUSCLE_MM / 0.8)
-    pt.body = depth > 0
-    pt.hu[pt.body] = T["skin"]
-    pt.hu[depth > _SKIN_MM] = T["subcutaneous_fat"]
-    pt.h = depth - (fat + np.float32(sub.muscle_mm)) - back
-    pt.hu[(depth > fat) & (pt.h <= 0)] = T["muscle"]
-    del depth, back
-    pt.cavity = pt.h > 0
-    pt.hu[pt.cavity] = T["visceral_fat"]
+    # Done in slabs of x so that the full-grid temporaries stay small.
+    for sl in _slabs(full):
+        _body_wall(grid, pt, sl)
 
     # Paraspinal muscles (whole spine) and psoas (lumbar, widening caudally).
     sl = grid.box((-70, -115, 40), (70, -20, ATLAS_Z_TOP))
@@ -419,17 +394,65 @@ def _render(sub: Subject, rng: np.random.Generator):
     _ribs(grid, pt, sub)
     _pelvis(grid, pt, sub)
 
-    # CT noise is correlated in-plane: white noise summed over 2x2 neighbours (std x2, hence 0.5).
-    noise = rng.standard_normal(sub.shape, dtype=np.float32)
-    noise[1:] += noise[:-1]
-    noise[:, 1:] += noise[:, :-1]
-    noise *= np.float32(0.5 * sub.noise_hu)
-    hu = pt.hu
-    hu += noise
-    del noise
-    np.rint(hu, out=hu)
-    np.clip(hu, *_HU_RANGE, out=hu)
-    return grid, hu.astype(np.int16), pt.label
+    return grid, _add_noise(pt, sub, rng), pt.label
+
+
+_SLAB = 32
+"""Rows of x processed at once by the full-grid steps (memory: a few 10 MB per temporary)."""
+
+
+def _slabs(sl):
+    """Split a box into slabs of `_SLAB` rows along x."""
+    for x0 in range(sl[0].start, sl[0].stop, _SLAB):
+        yield (slice(x0, min(x0 + _SLAB, sl[0].stop)),) + tuple(sl[1:])
+
+
+def _body_wall(grid: _Grid, pt: _Painter, sl) -> None:
+    sub, T = grid.sub, TISSUE_HU
+    qx, qy, qz = grid.q(sl)
+    fat = np.float32(sub.fat_mm)
+    rx = (np.interp(qz, _BODY_Z, _BODY_RX) + fat).astype(np.float32)             # [1, 1, nz]
+    ry = np.interp(qz, _BODY_Z, _BODY_RY).astype(np.float32)
+    ry_here = np.where(qy < 0, ry * np.float32(_BACK_DEPTH_RATIO) + fat, ry + fat)
+    qx /= rx
+    qx *= qx
+    qy /= ry_here                                                                # signed y / radius
+    depth = np.sqrt(qx + qy * qy)                                                # normalised radius r
+    np.subtract(1.0, depth, out=depth)
+    ry_here += rx
+    ry_here *= np.float32(0.5)
+    depth *= ry_here                                                             # (1 - r) * mean radius
+    back = qy                                                                    # extra posterior muscle
+    np.negative(back, out=back)
+    back -= np.float32(0.2)
+    np.clip(back, 0.0, 0.8, out=back)
+    back *= np.float32(_BACK_MUSCLE_MM / 0.8)
+    body = depth > 0
+    hu = pt.hu[sl]
+    hu[body] = T["skin"]
+    hu[depth > _SKIN_MM] = T["subcutaneous_fat"]
+    h = depth - (fat + np.float32(sub.muscle_mm)) - back
+    hu[(depth > fat) & (h <= 0)] = T["muscle"]
+    cavity = h > 0
+    hu[cavity] = T["visceral_fat"]
+    pt.body[sl], pt.h[sl], pt.cavity[sl] = body, h, cavity
+
+
+def _add_noise(pt: _Painter, sub: Subject, rng: np.random.Generator) -> np.ndarray:
+    """Add CT-like noise and return the int16 image. The noise is correlated in-plane: white noise
+    summed over 2x2 neighbours (std x2, hence the 0.5), drawn slab by slab."""
+    image = np.empty(sub.shape, dtype=np.int16)
+    for x0 in range(0, sub.shape[0], _SLAB):
+        sl = slice(x0, min(x0 + _SLAB, sub.shape[0]))
+        noise = rng.standard_normal(pt.hu[sl].shape, dtype=np.float32)
+        noise[1:] += noise[:-1]
+        noise[:, 1:] += noise[:, :-1]
+        noise *= np.float32(0.5 * sub.noise_hu)
+        noise += pt.hu[sl]
+        np.rint(noise, out=noise)
+        np.clip(noise, *_HU_RANGE, out=noise)
+        image[sl] = noise
+    return image
 
 
 def _tube(qx, qy, cx, cy, r):
@@ -472,24 +495,28 @@ def _bowel(grid: _Grid, pt: _Painter, rng: np.random.Generator) -> None:
     mesenteric fat, drawn from a smooth random field in atlas mm (so it scales with the subject)."""
     from scipy import ndimage
 
-    sl = grid.box((-170, -60, _BOWEL_Z[0]), (170, 130, _BOWEL_Z[1]))
+    lo = np.array([-170.0, -60.0, _BOWEL_Z[0]])
+    dims = np.ceil((np.array([170.0, 130.0, _BOWEL_Z[1]]) - lo) / _BOWEL_GRID_MM).astype(int) + 2
+    fields = []
+    for sigma in (1.0, 1.5):  # loops, and where they hold gas
+        f = ndimage.gaussian_filter(rng.standard_normal(tuple(dims)), sigma)
+        fields.append(f / f.std())
+    for sl in _slabs(grid.box(lo, (170, 130, _BOWEL_Z[1]))):
+        _bowel_slab(grid, pt, sl, lo, fields)
+
+
+def _bowel_slab(grid: _Grid, pt: _Painter, sl, lo, fields) -> None:
+    from scipy import ndimage
+
     qz = grid.q(sl)[2]
     free = pt.cavity[sl] & (pt.label[sl] == 0) & (qz >= _BOWEL_Z[0]) & (qz <= _BOWEL_Z[1])
     idx = np.nonzero(free)
     if idx[0].size == 0:
         return
-    gidx = tuple(i + s.start for i, s in zip(idx, sl))
-    qx, qy, qz = grid.q_at(gidx)
+    qx, qy, qz = grid.q_at(tuple(i + s.start for i, s in zip(idx, sl)))
     keep = qy > -60.0  # loops stay anterior to the kidneys and the spine
-    lo = np.array([-170.0, -60.0, _BOWEL_Z[0]])
-    dims = np.ceil((np.array([170.0, 130.0, _BOWEL_Z[1]]) - lo) / _BOWEL_GRID_MM).astype(int) + 2
-    coords = np.stack([(qx - lo[0]), (qy - lo[1]), (qz - lo[2])]) / _BOWEL_GRID_MM
-    fields = []
-    for sigma in (1.0, 1.5):
-        f = ndimage.gaussian_filter(rng.standard_normal(tuple(dims)), sigma)
-        f /= f.std()
-        fields.append(ndimage.map_coordinates(f, coords, order=1, mode="nearest"))
-    loop, gas = fields
+    coords = np.stack([(qx - lo[0]), (qy - lo[1]), (qz - lo[2])]) / _BOWEL_GRID_MM   # [3, N] field grid units
+    loop, gas = (ndimage.map_coordinates(f, coords, order=1, mode="nearest") for f in fields)
     wall = keep & (np.abs(loop - 0.2) < 0.18)
     lumen = keep & (loop > 0.2) & ~wall
     hu = pt.hu[sl]
@@ -504,7 +531,11 @@ def _bowel(grid: _Grid, pt: _Painter, rng: np.random.Generator) -> None:
 
 def _lungs(grid: _Grid, pt: _Painter) -> None:
     """Lungs fill the free thoracic cavity above the diaphragm, except the mediastinum."""
-    sl = grid.box((-170, -130, 370), (170, 130, ATLAS_Z_TOP))
+    for sl in _slabs(grid.box((-170, -130, 370), (170, 130, ATLAS_Z_TOP))):
+        _lungs_slab(grid, pt, sl)
+
+
+def _lungs_slab(grid: _Grid, pt: _Painter, sl) -> None:
     qx, qy, qz = grid.q(sl)
     mediastinum = (np.abs(qx + 8.0) < 32.0) & (qy > -75.0)
     paravertebral = (np.abs(qx) < 30.0) & (qy < -15.0)
@@ -560,8 +591,19 @@ floating ribs are short, true ribs reach close to the sternum."""
 
 
 def _ribs(grid: _Grid, pt: _Painter, sub: Subject) -> None:
-    sl = grid.box((-170, -130, _LEVEL_Z[_T12_INDEX] - _RIB_DROP_MM - 10), (170, 130, ATLAS_Z_TOP))
     rib_h = -0.5 * sub.muscle_mm                                            # inside the chest wall
+    for sl in _slabs(grid.box((-170, -130, _LEVEL_Z[_T12_INDEX] - _RIB_DROP_MM - 10), (170, 130, ATLAS_Z_TOP))):
+        _ribs_slab(grid, pt, sl, rib_h)
+    # Sternum: an anterior midline bar over the upper chest.
+    sl = grid.box((-20, 60, 470), (20, 130, ATLAS_Z_TOP))
+    qx, qy, qz = grid.q(sl)
+    m = (np.abs(qx) < 14.0) & (np.abs(pt.h[sl] - rib_h) < 5.0) & (qz > 470) & (qz < 640)
+    pt.put(sl, m, TISSUE_HU["rib"], LABELS["ribs"])
+
+
+def _ribs_slab(grid: _Grid, pt: _Painter, sl, rib_h: float) -> None:
+    """Ribs: circles of radius 5 mm around a centre line in the chest wall that starts at each
+    thoracic vertebra and descends anteriorly; evaluated only on the ring of wall voxels."""
     ring = np.abs(pt.h[sl] - rib_h) < _RIB_RADIUS_MM
     idx = np.nonzero(ring)
     if idx[0].size == 0:
@@ -576,11 +618,6 @@ def _ribs(grid: _Grid, pt: _Painter, sub: Subject) -> None:
     sel = tuple(i[rib] for i in idx)
     pt.hu[sl][sel] = TISSUE_HU["rib"]
     pt.label[sl][sel] = LABELS["ribs"]
-    # Sternum: an anterior midline bar over the upper chest.
-    sl = grid.box((-20, 60, 470), (20, 130, ATLAS_Z_TOP))
-    qx, qy, qz = grid.q(sl)
-    m = (np.abs(qx) < 14.0) & (np.abs(pt.h[sl] - rib_h) < 5.0) & (qz > 470) & (qz < 640)
-    pt.put(sl, m, TISSUE_HU["rib"], LABELS["ribs"])
 
 
 _FEMUR_HEADS = {"femoral_head_right": (88.0, -8.0, 40.0), "femoral_head_left": (-88.0, -8.0, 40.0)}
