@@ -155,6 +155,16 @@ class Subject:
     hu_jitter: float = 1.0
 
 
+_DEFORM = {
+    "xx": (4.0, (150.0, 500.0)), "xy": (4.0, (150.0, 500.0)), "xz": (7.0, (200.0, 600.0)),
+    "yx": (4.0, (150.0, 500.0)), "yy": (4.0, (150.0, 500.0)), "yz": (8.0, (200.0, 600.0)),
+    "zz": (8.0, (250.0, 600.0)),
+}
+"""Smooth deformation terms: key "ab" = displacement of atlas axis a as a function of world axis b,
+(max amplitude mm, wavelength range mm). The largest slope, 2*pi*8/250 = 0.2, keeps the map
+invertible and the z map monotonic."""
+
+
 def _draw_subject(rng: np.random.Generator, profile: Profile, index: int) -> Subject:
     s_xy = rng.uniform(0.86, 1.10)
     scale = np.array([s_xy * rng.uniform(0.97, 1.03), s_xy * rng.uniform(0.95, 1.05), rng.uniform(0.9, 1.1)])
@@ -170,13 +180,8 @@ def _draw_subject(rng: np.random.Generator, profile: Profile, index: int) -> Sub
     origin = np.array([rng.normal(0.0, 8.0), rng.normal(-10.0, 8.0), rng.uniform(-900.0, -300.0)])
     fov = spacing * (np.array(shape) - 1)
     grid_origin = np.array([-fov[0] / 2, -fov[1] / 2, origin[2] + z0 * scale[2]])
-    deform = {
-        "xx": _smooth_fn(rng, 4.0, (150.0, 500.0)), "xy": _smooth_fn(rng, 4.0, (150.0, 500.0)),
-        "xz": _smooth_fn(rng, 7.0, (200.0, 600.0)), "yx": _smooth_fn(rng, 4.0, (150.0, 500.0)),
-        "yy": _smooth_fn(rng, 4.0, (150.0, 500.0)), "yz": _smooth_fn(rng, 8.0, (200.0, 600.0)),
-        "zz": _smooth_fn(rng, 8.0, (250.0, 600.0)),
-    }
-    deform["bound"] = {"x": 15.0, "y": 16.0, "z": 8.0}
+    deform = {key: _smooth_fn(rng, amp, wl) for key, (amp, wl) in _DEFORM.items()}
+    deform["bound"] = {axis: sum(amp for key, (amp, _) in _DEFORM.items() if key[0] == axis) for axis in "xyz"}
     organs = {}
     for name, (c, r) in _ORGANS.items():
         organs[name] = _Organ(np.array(c) + np.clip(rng.normal(0.0, 4.5, 3), -9, 9),
