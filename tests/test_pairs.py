@@ -249,3 +249,48 @@ def test_stale_embedding_grid_is_detected(cohort, tmp_path):
 def test_config_errors_name_the_value(field, value):
     with pytest.raises(ValueError, match=field):
         PairConfig(**{field: value})
+
+
+def test_phantom_chain_landmarks(phantom_dir, phantom_cache, tmp_path):
+    """Phantoms stored RAS, LPS and LAS, through the real preprocess into the cache, with oracle
+    embeddings fitted to their landmarks: a landmark query of A anchors at that landmark of B.
+    A flipped axis anywhere in the chain would put anchors >100 mm off."""
+    from alice_ds.data import case_key
+    from alice_ds.data.cache import list_cases, open_case
+
+    ids = list_cases(phantom_cache)
+    lms = {cid: json.loads((phantom_dir / "landmarks" / f"{case_key(cid)}.json").read_text())["landmarks"]
+           for cid in ids}
+    reference = max(lms.values(), key=len)
+    for cid in ids:
+        case = open_case(phantom_cache, cid)
+        write_oracle_embedding(embedding_path(tmp_path, cid), cid, case.affine, case.shape, lms[cid], reference)
+    ds = PairDataset(phantom_cache, tmp_path, PairConfig(**FAST), rank=0, world_size=1)
+    errors = []
+    for a, b in zip(ids, ids[1:] + ids[:1]):
+        for name in sorted(set(lms[a]) & set(lms[b])):
+            s = ds.pair(a, [lms[a][name]], key_case=b)
+            assert s["kind"] == "inter"
+            errors.append(np.linalg.norm(s["anchor_center_mm"].numpy() - lms[b][name]))
+    errors = np.asarray(errors)
+    print(f"phantom landmark errors (mm): median {np.median(errors):.1f}, max {errors.max():.1f}, n={len(errors)}")
+    assert len(errors) >= 20
+    assert np.median(errors) <= 10.0
+    assert np.mean(errors <= 20.0) >= 0.9
+
+
+def test_oracle_grid_equals_pointwise_features():
+    """The factorised grid encoding equals the definition at arbitrary voxels of a rotated grid."""
+    from alice_ds.data.oracle import FINE_WAVELENGTHS_MM, features, grid_features
+
+    rng = np.random.default_rng(0)
+    affine = np.eye(4)
+    affine[:3, :3] = _world_from_canonical(rng)[:3, :3] * 4.0
+    affine[:3, 3] = [-150.0, -120.0, -90.0]
+    to_canon = _world_from_canonical(rng)
+    shape = (70, 60, 50)
+    grid = grid_features(affine, shape, to_canon, FINE_WAVELENGTHS_MM, 0).numpy()
+    ijk = np.stack([rng.integers(n, size=64) for n in shape], 1)
+    canon = (ijk @ affine[:3, :3].T + affine[:3, 3]) @ to_canon[:3, :3].T + to_canon[:3, 3]
+    np.testing.assert_allclose(grid[tuple(ijk.T)], features(canon, FINE_WAVELENGTHS_MM, 0), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(grid[tuple(ijk.T)], axis=1), 1.0, atol=1e-5)

@@ -68,14 +68,23 @@ def features(canonical_mm: np.ndarray, wavelengths: tuple[float, float], offset:
 
 
 def grid_features(affine: np.ndarray, shape, to_canonical: np.ndarray, wavelengths, offset: int) -> torch.Tensor:
-    """Features of every voxel of a grid -> channel-last `[X, Y, Z, 128]`."""
+    """`features` of every voxel of a grid -> channel-last `[X, Y, Z, 128]`.
+
+    The phases are affine in the voxel index, so exp(i·phase) factorises into one complex factor per
+    axis: the grid costs two complex products per value instead of a cos and a sin (10x faster)."""
+    d, lam = _directions_and_wavelengths(*wavelengths, offset)
+    vox_to_canon = np.asarray(to_canonical, dtype=np.float64) @ np.asarray(affine, dtype=np.float64)
+    coef = 2 * np.pi * (d @ vox_to_canon[:3, :3]) / lam[:, None]  # [J, 3] radians per voxel step
+    const = np.exp(1j * 2 * np.pi * (d @ vox_to_canon[:3, 3]) / lam)  # [J]
+    ex, ey, ez = (np.exp(1j * np.arange(n)[:, None] * coef[None, :, a]).astype(np.complex64)
+                  for a, n in enumerate(shape))  # [n, J] per axis
+    eyz = ey[:, None, :] * ez[None, :, :] * const.astype(np.complex64)  # [Y, Z, J]
     out = np.empty((*shape, EMBED_DIM), dtype=np.float32)
-    yz = np.stack(np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij"), -1).reshape(-1, 2)
-    for x in range(shape[0]):  # one x-slab at a time bounds the float64 temporaries
-        ijk = np.concatenate([np.full((len(yz), 1), x), yz], axis=1)  # [Y*Z, 3]
-        world = index_to_world(affine, ijk)
-        canon = world @ to_canonical[:3, :3].T + to_canonical[:3, 3]
-        out[x] = features(canon, wavelengths, offset).reshape(shape[1], shape[2], EMBED_DIM)  # [Y*Z, C] -> [Y, Z, C]
+    norm = np.float32(1 / np.sqrt(d.shape[0]))
+    for x in range(shape[0]):
+        slab = ex[x] * eyz  # [Y, Z, J]
+        out[x, ..., :d.shape[0]] = slab.real * norm
+        out[x, ..., d.shape[0]:] = slab.imag * norm
     return torch.from_numpy(out)
 
 
