@@ -109,6 +109,6 @@ def test_phantom_cli_writes_a_small_dataset(tmp_path, capsys, monkeypatch):
     assert img.shape[0] == 128
     np.testing.assert_array_equal(np.asarray(img.dataobj), generate_case(1, seed=4, small=True).image)
     err = capsys.readouterr().err
-    assert "Case_00001" in err and "128x128x" in err and "landmarks" in err
+    assert "Case_00001" in err and "128x128x" in err and "points" in err
     assert main(["phantom", str(out), "--num", "0"]) == 2
     assert "--num must be at least 1, got 0" in capsys.readouterr().err

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+_PHASE_SHORT = {"non_contrast": "plain", "arterial": "arterial", "portal_venous": "venous"}
+"""Contrast phase names short enough for an 80-column summary table."""
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("out_dir", help="output folder (imagesTr/, labelsTr/, landmarks/, dataset.json)")
@@ -30,12 +33,13 @@ def run(args) -> int:
         def on_case(case):
             info = case.info
             rows.append([case.case_id, "x".join(map(str, info["shape"])),
-                         "x".join(f"{s:.2f}" for s in info["spacing"]), info["orientation"], info["phase"],
-                         "{:.0f}-{:.0f}".format(*info["atlas_z_range"]), len(case.landmarks)])
+                         "x".join(f"{s:.1f}" for s in info["spacing"]), info["orientation"],
+                         _PHASE_SHORT[info["phase"]], "{:.0f}-{:.0f}".format(*info["atlas_z_range"]),
+                         len(case.landmarks)])
             bar.advance(task)
 
         write_dataset(args.out_dir, args.num, seed=args.seed, small=args.small, on_case=on_case)
     seconds = time.perf_counter() - start
     console.print(table(f"phantom dataset {args.out_dir} ({seconds:.1f} s, {seconds / args.num:.2f} s/case)",
-                        ["case", "shape", "voxel mm", "stored", "phase", "body z mm", "landmarks"], rows))
+                        ["case", "shape", "voxel mm", "stored", "phase", "z mm", "points"], rows))
     return 0
