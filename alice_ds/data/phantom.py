@@ -26,7 +26,7 @@ import numpy as np
 LABELS: dict[str, int] = {
     "liver": 1, "kidney_right": 2, "spleen": 3, "aorta": 4, "ivc": 5, "stomach": 6,
     "kidney_left": 7, "lung_right": 8, "lung_left": 9, "heart": 10, "vertebrae": 11, "ribs": 12,
-    "pelvis": 13, "bladder": 14, "bowel": 15, "gallbladder": 16,
+    "pelvis": 13, "bladder": 14, "bowel": 15, "gallbladder": 16, "airway": 17,
 }
 """Organ label values in `labelsTr/*.nii.gz` (0 = background / unlabeled tissue)."""
 
@@ -70,6 +70,10 @@ _AORTA_Y = np.array([-6.0, -7.0, -14.0, -26.0, -28.0])
 _AORTA_R = np.array([9.0, 10.5, 11.5, 12.0, 12.5])
 _IVC = dict(x=24.0, y=-6.0, r=11.0, z0=180.0, z1=485.0)
 _ILIAC_END = dict(x=58.0, y=0.0, z=95.0, r=6.0)
+_CARINA = np.array([0.0, -14.0, 575.0])
+_TRACHEA_R, _BRONCHUS_R, _AIRWAY_WALL_MM = 9.0, 6.0, 2.0
+_BRONCHUS_END = dict(x=45.0, z=540.0)
+"""Main bronchi run from the carina to (+-x, carina y, z), into the lung hila."""
 
 # Contrast phases: HU of the blood pool and of enhancing organs.
 PHASES: dict[str, dict[str, float]] = {
@@ -395,6 +399,7 @@ def _render(sub: Subject, rng: np.random.Generator):
     _vessels(grid, pt, phase)
     _bowel(grid, pt, rng)
     _lungs(grid, pt)
+    _airway(grid, pt)
     _spine(grid, pt)
     _ribs(grid, pt, sub)
     _pelvis(grid, pt, sub)
@@ -549,6 +554,28 @@ def _lungs_slab(grid: _Grid, pt: _Painter, sl) -> None:
     pt.put(sl, m & (qx <= 0), TISSUE_HU["lung"], LABELS["lung_left"])
 
 
+def _airway(grid: _Grid, pt: _Painter) -> None:
+    """Trachea above the carina and the two main bronchi: air tubes with a soft-tissue wall, the
+    landmark of the upper chest."""
+    c, r = _CARINA, _TRACHEA_R + _AIRWAY_WALL_MM
+    sl = grid.box((c[0] - r, c[1] - r, c[2]), (c[0] + r, c[1] + r, ATLAS_Z_TOP))
+    qx, qy, qz = grid.q(sl)
+    d2 = (qx - c[0]) ** 2 + (qy - c[1]) ** 2
+    above = (qz >= c[2] - _TRACHEA_R) & pt.body[sl]
+    pt.put(sl, above & (d2 < r ** 2), TISSUE_HU["stomach_wall"], LABELS["airway"])
+    pt.put(sl, above & (d2 < _TRACHEA_R ** 2), TISSUE_HU["gas"])
+    e = _BRONCHUS_END
+    r = _BRONCHUS_R + _AIRWAY_WALL_MM
+    sl = grid.box((-e["x"] - r, c[1] - r, e["z"]), (e["x"] + r, c[1] + r, c[2]))
+    qx, qy, qz = grid.q(sl)
+    t = np.clip((c[2] - qz) / (c[2] - e["z"]), 0, 1)                        # 0 at the carina
+    inside = (qz >= e["z"]) & (qz <= c[2]) & pt.body[sl]
+    for sign in (-1.0, 1.0):
+        d2 = (qx - sign * e["x"] * t) ** 2 + (qy - c[1]) ** 2
+        pt.put(sl, inside & (d2 < r ** 2), TISSUE_HU["stomach_wall"], LABELS["airway"])
+        pt.put(sl, inside & (d2 < _BRONCHUS_R ** 2), TISSUE_HU["gas"])
+
+
 def _spine(grid: _Grid, pt: _Painter) -> None:
     """Vertebral bodies (cortical shell, cancellous core), discs, posterior arch, spinous and
     transverse processes, and the canal. Levels differ in radius and spacing along z, so the spine is
@@ -662,6 +689,7 @@ def _atlas_landmarks(sub: Subject) -> dict[str, np.ndarray]:
     for name, z, y in zip(_LEVEL_NAMES, _LEVEL_Z, _LEVEL_Y):
         lm[f"vertebra_{name}"] = np.array([0.0, y, z])
     lm.update({k: np.array(v) for k, v in _FEMUR_HEADS.items()})
+    lm["carina"] = _CARINA + [0.0, 0.0, 3.0]
     return lm
 
 
@@ -672,6 +700,7 @@ LANDMARK_LABELS = {
     **{f"aorta_{n}": "aorta" for n in ("bifurcation", "renal", "celiac", "thoracic")},
     **{f"vertebra_{n}": "vertebrae" for n in _LEVEL_NAMES},
     **{k: "pelvis" for k in _FEMUR_HEADS},
+    "carina": "airway",
 }
 """Landmark name -> the LABELS organ it lies in."""
 
