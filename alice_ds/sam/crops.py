@@ -116,32 +116,42 @@ class View:
         return scaled_affine(self.affine, [FINE_STRIDE] * 3)
 
 
-def body_points(array, affine, rng: np.random.Generator, n: int) -> np.ndarray:
-    """`n` random world points inside the body (HU > BODY_HU) of a cached case, [n, 3] mm."""
+def body_voxels(array) -> np.ndarray:
+    """Voxel indices [N, 3] inside the body (HU > BODY_HU) on every BODY_SUBSAMPLE-th voxel of a
+    cached case; computed once per case, it is where crop centres are drawn from."""
     sub = np.asarray(array[::BODY_SUBSAMPLE, ::BODY_SUBSAMPLE, ::BODY_SUBSAMPLE])
     idx = np.argwhere(sub > BODY_HU)
-    if len(idx) == 0:
+    if len(idx) == 0:  # no body (e.g. an all-air test volume): any voxel
         idx = np.argwhere(np.ones_like(sub, dtype=bool))
-    pick = idx[rng.integers(0, len(idx), n)] * BODY_SUBSAMPLE
+    return idx * BODY_SUBSAMPLE
+
+
+def body_points(body: np.ndarray, affine, rng: np.random.Generator, n: int) -> np.ndarray:
+    """`n` random world points [n, 3] mm around the body voxels `body` (from body_voxels)."""
+    pick = body[rng.integers(0, len(body), n)]
     return index_to_world(affine, pick + rng.uniform(0, BODY_SUBSAMPLE, size=(n, 3)))
 
 
-def augmented_view(array, affine, center_mm, size: int, rng: np.random.Generator) -> View:
-    """A view of `size`^3 voxels at 2 mm x U(SCALE_RANGE), blurred and noised (HU)."""
+def augmented_view(array, affine, center_mm, size: int, rng: np.random.Generator,
+                   spacing_mm: float = SAM_SPACING_MM) -> View:
+    """A view of `size`^3 voxels at `spacing_mm` x U(SCALE_RANGE), blurred and noised (HU)."""
     scale = rng.uniform(*SCALE_RANGE)
-    aff = view_affine(affine, center_mm, size, SAM_SPACING_MM * scale)
+    aff = view_affine(affine, center_mm, size, spacing_mm * scale)
     hu = resample(array, affine, aff, (size,) * 3)
     hu = gaussian_blur(hu, rng.uniform(0, MAX_BLUR_VOXELS))
     noise = torch.from_numpy(rng.standard_normal(hu.shape).astype(np.float32))
     return View(hu + noise * rng.uniform(0, MAX_NOISE_HU), aff)
 
 
-def view_pair(array, affine, size: int, rng: np.random.Generator) -> tuple[View, View]:
-    """Two overlapping augmented views of one case around a random body point."""
-    c1 = body_points(array, affine, rng, 1)[0]
-    extent = size * SAM_SPACING_MM
+def view_pair(array, affine, size: int, rng: np.random.Generator, body: np.ndarray | None = None,
+              spacing_mm: float = SAM_SPACING_MM) -> tuple[View, View]:
+    """Two overlapping augmented views of one case around a random body point (`body`: the case's
+    body_voxels, computed here when not given)."""
+    c1 = body_points(body if body is not None else body_voxels(array), affine, rng, 1)[0]
+    extent = size * spacing_mm
     c2 = c1 + unit_axes(affine) @ rng.uniform(-MAX_SHIFT_FRACTION, MAX_SHIFT_FRACTION, 3) * extent
-    return augmented_view(array, affine, c1, size, rng), augmented_view(array, affine, c2, size, rng)
+    return (augmented_view(array, affine, c1, size, rng, spacing_mm),
+            augmented_view(array, affine, c2, size, rng, spacing_mm))
 
 
 def positive_pairs(v1: View, v2: View, fine_shape, n: int,

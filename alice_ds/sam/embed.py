@@ -1,6 +1,6 @@
 """`alice-ds embed`: SAM fine/coarse embeddings of every cached case, one safetensors file each.
 
-A case is resampled once to the 2 mm SAM grid (reading the memory-mapped cache), then run through
+A case is resampled once to the SAM grid (2 mm unless the model was trained on another spacing) (reading the memory-mapped cache), then run through
 SAMNet in overlapping tiles of `--tile` voxels so activation memory is bounded whatever the volume
 size; each tile contributes only its interior (half the overlap is dropped at inner seams). Tiles
 start on multiples of the coarse stride, so fine and coarse grids of all tiles line up exactly.
@@ -13,9 +13,9 @@ import argparse
 import time
 
 DEFAULT_TILE = 160
-"""Tile edge in 2 mm voxels (320 mm): a typical abdomen or chest fits in one or two tiles."""
+"""Tile edge in SAM-grid voxels (320 mm at 2 mm): a typical abdomen or chest fits in one or two tiles."""
 DEFAULT_OVERLAP = 64
-"""Tile overlap in 2 mm voxels: 32 voxels (64 mm) of context on each side of an inner seam."""
+"""Tile overlap in SAM-grid voxels: 32 voxels (64 mm) of context on each side of an inner seam."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,9 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="parallel processes, each embedding whole cases (CPU threads are shared out)")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE,
-                   help="tile edge in 2 mm voxels (multiple of 32); lower it when memory is short")
+                   help="tile edge in SAM-grid voxels (multiple of 32); lower it when memory is short")
     p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
-                   help="overlap between tiles in 2 mm voxels (multiple of 32, < tile)")
+                   help="overlap between tiles in SAM-grid voxels (multiple of 32, < tile)")
     p.add_argument("--force", action="store_true", help="re-embed cases whose file already exists")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
@@ -46,7 +46,7 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
 
 
 def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP):
-    """SAM embeddings of a volume on the 2 mm grid, HU float [X, Y, Z] -> (fine fp16
+    """SAM embeddings of a volume on the SAM grid, HU float [X, Y, Z] -> (fine fp16
     [ceil(X/2), ..., 128], coarse fp16 [ceil(X/16), ..., 128]), channel-last, tile by tile."""
     import math
 
@@ -68,7 +68,7 @@ def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVE
                     hi = tuple(min(s + tile, n) for s, n in zip(lo, shape))
                     x = scale_hu(hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])[None, None].to(device)
                     f, c = model(x)
-                    # owned interior of this tile in 2 mm voxels: drop half the overlap at inner seams
+                    # owned interior of this tile in SAM-grid voxels: drop half the overlap at inner seams
                     own_lo = [s + half if s > 0 else 0 for s in lo]
                     own_hi = [h - half if h < n else n for h, n in zip(hi, shape)]
                     for out, t, stride in ((fine, f, FINE_STRIDE), (coarse, c, COARSE_STRIDE)):
@@ -90,7 +90,7 @@ def embed_case(model, model_id: str, cache_dir, case_id: str, embed_dir, tile: i
     from alice_ds.sam.network import COARSE_STRIDE, FINE_STRIDE
 
     case = open_case(cache_dir, case_id)
-    affine, shape = sam_grid(case.affine, case.shape)
+    affine, shape = sam_grid(case.affine, case.shape, model.spacing_mm)
     hu = resample(case.array, case.affine, affine, shape)
     fine, coarse = embed_volume(model, hu, tile, overlap)
     write_embedding(embedding_path(embed_dir, case_id), fine, coarse,

@@ -67,18 +67,23 @@ class BasicBlock(nn.Module):
 
 class SAMNet(nn.Module):
     """SAM embedding network. `width` scales every channel count (1.0 = ResNet-18 widths 64-512;
-    tests and CPU runs use 0.125-0.25). forward(x [B, 1, X, Y, Z]) -> (fine [B, 128, ceil(X/2), ...],
+    tests and CPU runs use 0.125-0.25); `spacing_mm` is the input grid (default 2 mm). forward(x [B, 1, X, Y, Z]) -> (fine [B, 128, ceil(X/2), ...],
     coarse [B, 128, ceil(X/16), ...]), both L2-normalised over channels."""
 
     STAGE_KERNELS = ((3, 3, 1), (3, 3, 1), (3, 3, 3), (3, 3, 3))  # (x, y, z): I3D 1x3x3 then 3x3x3
     STAGE_STRIDES = (1, 2, 2, 2)
     BLOCKS_PER_STAGE = 2
 
-    def __init__(self, width: float = 1.0):
+    def __init__(self, width: float = 1.0, spacing_mm: float = SAM_SPACING_MM):
         super().__init__()
         if width <= 0:
             raise ValueError(f"width must be > 0, got {width}")
+        if spacing_mm <= 0:
+            raise ValueError(f"spacing_mm must be > 0, got {spacing_mm}")
         self.width = float(width)
+        self.spacing_mm = float(spacing_mm)
+        """Voxel size of the isotropic grid the network was trained on (2 mm as in SAM; the test
+        suite uses 4 mm to stay fast). Embedding uses the same grid."""
         ch = [max(MIN_CHANNELS, int(round(c * width))) for c in BASE_WIDTHS]
         self.stem = nn.Sequential(nn.Conv3d(1, ch[0], (7, 7, 3), 1, (3, 3, 1), bias=False),
                                   nn.BatchNorm3d(ch[0]), nn.ReLU(inplace=True),
@@ -115,4 +120,4 @@ class SAMNet(nn.Module):
         """What is needed to rebuild the network (stored next to its weights)."""
         return {"arch": "samnet-resnet18-fpn", "width": self.width, "embed_dim": EMBED_DIM,
                 "fine_stride": FINE_STRIDE, "coarse_stride": COARSE_STRIDE,
-                "spacing_mm": SAM_SPACING_MM, "hu_window": list(HU_WINDOW)}
+                "spacing_mm": self.spacing_mm, "hu_window": list(HU_WINDOW)}

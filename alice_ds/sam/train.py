@@ -20,6 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
+SAM_SPACING_MM = 2.0
 DEFAULT_STEPS = 2000
 DEFAULT_BATCH = 2
 DEFAULT_ROI = 64
@@ -39,9 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH,
                    help="volumes per step (two views each); other volumes are coarse negatives")
     p.add_argument("--roi", type=int, default=DEFAULT_ROI,
-                   help="view edge in voxels of the 2 mm grid (x scale 0.8-1.2); multiple of 16")
+                   help="view edge in voxels of the --spacing grid (x scale 0.8-1.2); multiple of 16")
     p.add_argument("--width", type=float, default=DEFAULT_WIDTH,
                    help="channel multiplier of SAMNet (1.0 = ResNet-18 widths)")
+    p.add_argument("--spacing", type=float, default=SAM_SPACING_MM,
+                   help="isotropic grid of the network in mm (SAM: 2); embed uses the same")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate (cosine decay)")
     p.add_argument("--save_every", type=int, default=DEFAULT_SAVE_EVERY,
                    help="checkpoint every N steps (and at the end)")
@@ -55,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def training_cases(cache_dir, json_list) -> list[str]:
     """Case ids to train on: all cached cases, or those of the datalist's training split."""
+    from alice_ds.data import case_id_from_path
     from alice_ds.data.cache import list_cases
     from alice_ds.errors import DataError, UserError
 
@@ -64,12 +68,11 @@ def training_cases(cache_dir, json_list) -> list[str]:
     else:
         try:
             entries = json.loads(Path(json_list).read_text())["training"]
-            ids = [Path(e["image"]).name for e in entries]
+            chosen = [case_id_from_path(e["image"]) for e in entries]
         except FileNotFoundError:
             raise DataError(json_list, "datalist not found") from None
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(json_list, f"not a decathlon datalist with a 'training' list ({e})") from None
-        chosen = [i.removesuffix(".gz").removesuffix(".nii") for i in ids]
         missing = sorted(set(chosen) - set(cached))
         if missing:
             raise DataError(cache_dir, f"{len(missing)} training case(s) of {json_list} are not "
@@ -114,7 +117,7 @@ def load_model(path, device="cpu"):
         raise DataError(path, "SAM checkpoint not found (alice-ds sam-train writes OUTPUT_DIR/sam.safetensors)")
     try:
         cfg = json.loads(sidecar.read_text())
-        model = SAMNet(width=float(cfg["width"]))
+        model = SAMNet(width=float(cfg["width"]), spacing_mm=float(cfg["spacing_mm"]))
         model.load_state_dict(load_file(str(path)))
     except FileNotFoundError:
         raise DataError(sidecar, "SAM checkpoint config (JSON sidecar) not found") from None
@@ -173,7 +176,7 @@ def run(args) -> int:
     from alice_ds.console import console, progress
     from alice_ds.data.cache import open_case
     from alice_ds.errors import DataError, UserError
-    from alice_ds.sam.crops import view_pair
+    from alice_ds.sam.crops import body_voxels, view_pair
     from alice_ds.sam.loss import sam_loss
     from alice_ds.sam.network import COARSE_STRIDE, SAMNet, scale_hu
 
@@ -187,12 +190,14 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     case_ids = training_cases(args.cache_dir, args.json_list)
     cases = [open_case(args.cache_dir, c) for c in case_ids]
-    settings = {"roi": args.roi, "width": args.width, "batch_size": args.batch_size, "lr": args.lr,
-                "steps": args.steps, "seed": args.seed, "cases": case_ids}
+    bodies = [body_voxels(c.array) for c in cases]
+    settings = {"roi": args.roi, "width": args.width, "spacing": args.spacing,
+                "batch_size": args.batch_size, "lr": args.lr, "steps": args.steps, "seed": args.seed,
+                "cases": case_ids}
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    model = SAMNet(width=args.width).to(device)
+    model = SAMNet(width=args.width, spacing_mm=args.spacing).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     step = 0
     if args.resume:
@@ -201,15 +206,17 @@ def run(args) -> int:
             raise DataError(latest, "no checkpoint to resume from")
         d = out / "checkpoints" / latest.read_text().strip()
         state = json.loads((d / "state.json").read_text())
-        if state["settings"]["width"] != args.width:
-            raise UserError(f"--width {args.width} differs from the checkpoint's {state['settings']['width']}")
+        for name in ("width", "spacing", "roi"):
+            if state["settings"][name] != getattr(args, name):
+                raise UserError(f"--{name} {getattr(args, name)} differs from the checkpoint's "
+                                f"{state['settings'][name]} ({d})")
         model.load_state_dict(load_file(str(d / "model.safetensors")))
         _load_optimizer(opt, d / "optimizer.safetensors")
         rng.bit_generator.state = state["rng"]
         step = state["step"]
         console.print(f"resumed from {d} at step {step}")
     console.print(f"sam-train: {len(cases)} cases, batch {args.batch_size} x 2 views of "
-                  f"{args.roi}^3 at 2 mm, width {args.width}, "
+                  f"{args.roi}^3 at {args.spacing:g} mm, width {args.width}, "
                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, {device}")
 
     def lr_at(s: int) -> float:  # cosine decay to 0 over --steps; a pure function of the step
@@ -223,8 +230,8 @@ def run(args) -> int:
         while step < args.steps:
             t0 = time.time()
             # sample: B cases, two views each, ordered (a1, b1, a2, b2, ...)
-            pairs = [view_pair(c.array, c.affine, args.roi, rng)
-                     for c in (cases[i] for i in rng.integers(0, len(cases), args.batch_size))]
+            pairs = [view_pair(cases[i].array, cases[i].affine, args.roi, rng, bodies[i], args.spacing)
+                     for i in rng.integers(0, len(cases), args.batch_size)]
             x = torch.stack([scale_hu(v.hu) for pair in pairs for v in pair])[:, None].to(device)
             # forward + loss
             fine, coarse = model(x)

@@ -1,0 +1,136 @@
+"""`alice-ds sam-eval`: cross-subject landmark matching accuracy of SAM embeddings.
+
+For every ordered pair of cases (query, key) with embeddings and landmark files, each landmark
+present in both is matched from the query into the key; the error is the distance in mm between the
+match and the key's own landmark. Reported overall and per landmark: mean, median, fraction within
+10 mm (the SAMv2 lesion-tracking metric).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from alice_ds.sam.matcher import DEFAULT_WINDOW
+
+WITHIN_MM = 10.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embed_dir", required=True, help="folder of SAM embeddings (alice-ds embed)")
+    p.add_argument("--landmarks", required=True,
+                   help='folder of landmark JSON files {"case_id", "landmarks": {name: [x, y, z] mm}}, '
+                        "matched to cases by case id without the _0000 channel suffix")
+    p.add_argument("--pairs", default="all",
+                   help="'all' ordered case pairs, or N random ordered pairs (seeded)")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing N random pairs")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                   help="fine-search window edge in fine voxels around the coarse match")
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help="write the summary (overall and per landmark) to this JSON file")
+
+
+def load_landmarks(directory) -> dict[str, dict[str, list[float]]]:
+    """Landmark files of a folder -> {case key: {name: [x, y, z] world mm}}."""
+    import json
+    from pathlib import Path
+
+    from alice_ds.data import case_key
+    from alice_ds.errors import DataError
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise DataError(d, "landmark folder not found")
+    out = {}
+    for f in sorted(d.glob("*.json")):
+        try:
+            doc = json.loads(f.read_text())
+            marks = {str(k): [float(v) for v in xyz] for k, xyz in doc["landmarks"].items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DataError(f, f'not a landmark file {{"case_id", "landmarks": {{name: [x, y, z]}}}} ({e})') from None
+        if any(len(v) != 3 for v in marks.values()):
+            raise DataError(f, "every landmark must be [x, y, z] in mm")
+        out[case_key(str(doc.get("case_id", f.stem)))] = marks
+    if not out:
+        raise DataError(d, "no landmark .json files")
+    return out
+
+
+def summarize(errors) -> dict:
+    import numpy as np
+
+    e = np.asarray(errors, dtype=np.float64)
+    return {"n": int(e.size), "mean_mm": float(e.mean()), "median_mm": float(np.median(e)),
+            "within_10mm": float((e <= WITHIN_MM).mean())}
+
+
+def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int = DEFAULT_WINDOW,
+             on_pair=None) -> dict:
+    """Match every common landmark over the chosen case pairs. -> {"overall": summary,
+    "per_landmark": {name: summary}, "pairs": n, "cases": [...]} (summary: n, mean_mm, median_mm,
+    within_10mm as a fraction)."""
+    import itertools
+
+    import numpy as np
+
+    from alice_ds.data import case_key
+    from alice_ds.errors import UserError
+    from alice_ds.sam.io import list_embeddings
+    from alice_ds.sam.matcher import Matcher
+
+    cases = [c for c in list_embeddings(embed_dir) if case_key(c) in landmarks]
+    if len(cases) < 2:
+        raise UserError(f"{embed_dir}: need >= 2 embedded cases with landmark files, found {len(cases)}")
+    ordered = [(a, b) for a, b in itertools.permutations(cases, 2)]
+    if pairs != "all":
+        n = int(pairs)
+        rng = np.random.default_rng(seed)
+        ordered = [ordered[i] for i in rng.permutation(len(ordered))[:n]]
+    matcher = Matcher(embed_dir, window=window)
+    per: dict[str, list[float]] = {}
+    for q, k in ordered:
+        lq, lk = landmarks[case_key(q)], landmarks[case_key(k)]
+        names = sorted(set(lq) & set(lk))
+        if names:
+            matched, _ = matcher.match(q, k, np.array([lq[n] for n in names]))
+            err = np.linalg.norm(matched - np.array([lk[n] for n in names]), axis=1)
+            for n, e in zip(names, err):
+                per.setdefault(n, []).append(float(e))
+        if on_pair is not None:
+            on_pair()
+    if not per:
+        raise UserError(f"{embed_dir}: no landmark is shared by any evaluated case pair")
+    return {"overall": summarize([e for v in per.values() for e in v]),
+            "per_landmark": {n: summarize(v) for n, v in sorted(per.items())},
+            "pairs": len(ordered), "cases": cases}
+
+
+def run(args) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from alice_ds.console import console, progress, table
+    from alice_ds.errors import UserError
+    from alice_ds.sam.io import list_embeddings
+
+    if args.pairs != "all" and not (args.pairs.isdigit() and int(args.pairs) > 0):
+        raise UserError(f"--pairs must be 'all' or a positive integer, got {args.pairs!r}")
+    marks = load_landmarks(args.landmarks)
+    n_cases = len(list_embeddings(args.embed_dir))
+    total = n_cases * (n_cases - 1) if args.pairs == "all" else int(args.pairs)
+    t0 = time.time()
+    with progress() as bar:
+        task = bar.add_task("sam-eval", total=total)
+        res = evaluate(args.embed_dir, marks, args.pairs, args.seed, args.window,
+                       on_pair=lambda: bar.advance(task))
+    res["seconds_per_pair"] = (time.time() - t0) / max(res["pairs"], 1)
+    rows = [[name, s["n"], f"{s['mean_mm']:.2f}", f"{s['median_mm']:.2f}", f"{100 * s['within_10mm']:.1f}"]
+            for name, s in [*res["per_landmark"].items(), ("overall", res["overall"])]]
+    console.print(table(f"SAM landmark matching: {len(res['cases'])} cases, {res['pairs']} ordered pairs",
+                        ["landmark", "n", "mean mm", "median mm", "% within 10 mm"], rows))
+    if args.json:
+        doc = {**res["overall"], "overall": res["overall"], "per_landmark": res["per_landmark"],
+               "pairs": res["pairs"], "cases": res["cases"], "seconds_per_pair": res["seconds_per_pair"]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    return 0

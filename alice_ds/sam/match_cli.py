@@ -1,0 +1,38 @@
+"""`alice-ds match`: where does a world-mm point of one case land in another? (A debugging tool the
+reference's users asked for.) Points are world mm of the RAS frame, as everywhere in alice-ds."""
+
+from __future__ import annotations
+
+import argparse
+
+from alice_ds.sam.matcher import DEFAULT_WINDOW
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embed_dir", required=True, help="folder of SAM embeddings (alice-ds embed)")
+    p.add_argument("--query", required=True, help="case id the point belongs to")
+    p.add_argument("--key", required=True, help="case id to find the point in")
+    p.add_argument("--point", required=True, type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="query point in world mm (RAS)")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                   help="fine-search window edge in fine voxels around the coarse match")
+    p.add_argument("--json", action="store_true",
+                   help='print {"matched_mm": [x, y, z], "score": s} instead of a sentence')
+
+
+def run(args) -> int:
+    import json
+
+    import numpy as np
+
+    from alice_ds.sam.matcher import Matcher
+
+    matched, scores = Matcher(args.embed_dir, window=args.window).match(
+        args.query, args.key, np.asarray([args.point]))
+    xyz = [round(float(v), 3) for v in matched[0]]
+    if args.json:
+        print(json.dumps({"matched_mm": xyz, "score": round(float(scores[0]), 5)}))
+    else:
+        print(f"{args.query} ({', '.join(f'{v:g}' for v in args.point)}) mm -> {args.key} "
+              f"({', '.join(f'{v:g}' for v in xyz)}) mm, score {float(scores[0]):.3f}")
+    return 0
