@@ -127,11 +127,12 @@ def bad_dataset(tmp_path):
     (d / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
     (d / "corrupt.nii.gz").write_bytes(np.random.default_rng(0).bytes(2000))
     _save(d / "flat.nii.gz", arr[:, :, 0], affine)
+    _save(d / "slice.nii.gz", arr[:, :, :1], affine)
     _save(d / "fourd.nii.gz", np.stack([arr, arr, arr], -1), affine)
     nan = arr.astype(np.float32)
     nan[3, 4, 5] = np.nan
     _save(d / "nan.nii.gz", nan, affine)
-    names = ["good", "truncated", "corrupt", "flat", "fourd", "nan", "missing"]
+    names = ["good", "truncated", "corrupt", "flat", "slice", "fourd", "nan", "missing"]
     dl = write_datalist({"training": [{"image": f"{n}.nii.gz"} for n in names]}, tmp_path / "l.json")
     return d, dl
 
@@ -140,6 +141,7 @@ BAD_PROBLEMS = {
     "truncated": "cannot read NIfTI, file is truncated or corrupt",
     "corrupt": "cannot read NIfTI, file is truncated or corrupt",
     "flat": "expected a 3D image, got a 2D image of shape (30, 24)",
+    "slice": "expected a 3D volume, got a single slice of shape (30, 24, 1)",
     "fourd": "expected a 3D image, got a 4D image of shape (30, 24, 16, 3)",
     "nan": "1 voxels are NaN or infinite",
     "missing": "file not found",
@@ -160,12 +162,12 @@ def test_bad_inputs_are_listed_and_fail_the_run(bad_dataset, tmp_path, capsys, m
     for name, problem in BAD_PROBLEMS.items():
         assert name in err and problem in err, (name, err)
     last = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(last) == 1 and "truncated.nii.gz: cannot read NIfTI" in last[0] and "5 more bad cases" in last[0]
+    assert len(last) == 1 and "truncated.nii.gz: cannot read NIfTI" in last[0] and "6 more bad cases" in last[0]
     assert "Traceback" not in err
     rc = main(["preprocess", "--data_dir", str(d), "--json_list", str(dl), "--cache_dir", str(cache),
                "--spacing", "2", "2", "2", "--skip-bad"])
     err = capsys.readouterr().err
-    assert rc == 0 and "1 up to date, 6 bad" in err
+    assert rc == 0 and "1 up to date, 7 bad" in err
     for name, problem in BAD_PROBLEMS.items():
         assert any(line.startswith("warning: skipped") and f"{name}.nii.gz: {problem}" in line
                    for line in err.splitlines()), name

@@ -214,11 +214,14 @@ def preprocess_dataset(data_dir, json_list, cache_dir, spacing=(1.5, 1.5, 2.0), 
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             # spawn: forking a parent that already runs torch/OpenMP threads can deadlock the child.
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
-                                     initializer=_worker_init) as pool:
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
+                                       initializer=_worker_init)
+            try:
                 for fut in as_completed([pool.submit(process_case, *t) for t in todo]):
                     record(fut.result())
                     bar.advance(task)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: finish running cases only
     summary.seconds = time.perf_counter() - start
     summary.rows.sort(key=lambda r: r[0])
     if show:
