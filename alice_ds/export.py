@@ -433,7 +433,7 @@ def _print_report(report: LoadReport, problems: list[str]) -> None:
 
     console.print(f"[bold]alice-ds[/bold] {report.path}: loaded {len(report.loaded)} tensors "
                   f"({report.layout}), skipped {len(report.skipped)}, missing {len(report.missing)}, "
-                  f"unexpected {len(report.unexpected)}", highlight=False)
+                  f"unexpected {len(report.unexpected)}", highlight=False, soft_wrap=True)
     if report.skipped:
         warn(f"skipped (shape differs, kept the model's initialisation): {_group(report.skipped)}")
     if report.missing:
