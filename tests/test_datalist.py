@@ -93,6 +93,17 @@ def test_load_datalist_rejects_bad_lists(tmp_path, content, problem):
     assert problem in str(e.value) and str(path) in str(e.value)
 
 
+def test_symlinked_image_folder_is_inside_data_dir(tmp_path):
+    """A data_dir whose imagesTr/ is a symlink to another disk is fine; only `..` paths escape."""
+    _nifti(tmp_path / "elsewhere" / "Case_00001_0000.nii.gz")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "imagesTr").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    path = write_datalist(build_datalist(tmp_path / "d", val_fraction=0.0), tmp_path / "l.json")
+    image = load_datalist(path, tmp_path / "d")["training"][0]["image"]
+    assert image == str(tmp_path / "d" / "imagesTr" / "Case_00001_0000.nii.gz")
+    assert nib.load(image).shape == (4, 4, 3)
+
+
 def test_load_datalist_missing_image(tmp_path):
     path = write_datalist({"training": [{"image": "imagesTr/gone.nii.gz"}]}, tmp_path / "l.json")
     with pytest.raises(DataError, match=r"gone.nii.gz: file not found \(listed in .*l.json as training\[0\].image\)"):

@@ -95,7 +95,9 @@ def load_datalist(path, data_dir, check_files: bool = True) -> dict[str, list[di
         raise DataError(path, 'not a decathlon datalist (expected an object with a "training" list)')
     if not data_dir.is_dir():
         raise DataError(data_dir, "data directory not found")
-    root = data_dir.resolve()
+    # Lexical check (no symlink resolution): `../` in a datalist is a mistake, a symlinked
+    # imagesTr/ pointing at another disk is a normal setup.
+    root = Path(os.path.abspath(data_dir))
     out: dict[str, list[dict]] = {}
     for section in SECTIONS:
         items = raw.get(section, [])
@@ -114,7 +116,7 @@ def load_datalist(path, data_dir, check_files: bool = True) -> dict[str, list[di
                 rel = item[key]
                 if not isinstance(rel, str) or not rel:
                     raise DataError(path, f'{section}[{n}].{key} is not a path: {rel!r}')
-                full = (root / rel).resolve()
+                full = Path(os.path.normpath(root / rel))
                 if os.path.isabs(rel) or not full.is_relative_to(root):
                     raise DataError(path, f"{section}[{n}].{key} {rel!r} escapes data_dir {data_dir}")
                 if check_files and not full.is_file():
