@@ -294,3 +294,41 @@ def test_oracle_grid_equals_pointwise_features():
     canon = (ijk @ affine[:3, :3].T + affine[:3, 3]) @ to_canon[:3, :3].T + to_canon[:3, 3]
     np.testing.assert_allclose(grid[tuple(ijk.T)], features(canon, FINE_WAVELENGTHS_MM, 0), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(grid[tuple(ijk.T)], axis=1), 1.0, atol=1e-5)
+
+
+def _rank_worker(rank, cache, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        ds = PairDataset(cache, None, PairConfig(**FAST), seed=5, epochs=2)  # rank/world from the group
+        cases = [s["query_case"] for s in ds]
+        gathered = [None, None]
+        dist.all_gather_object(gathered, {"rank": ds.rank, "world": ds.world_size, "cases": cases})
+        if rank == 0:
+            out.write_text(json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_share_epochs_disjointly(cohort, tmp_path):
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ranks.json"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_worker, args=(r, cohort["cache"], port, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    r0, r1 = json.loads(out.read_text())
+    assert (r0["rank"], r1["rank"], r0["world"], r1["world"]) == (0, 1, 2, 2)
+    assert len(r0["cases"]) == len(r1["cases"]) == 4  # 2 epochs x (5 cases // 2 ranks)
+    for epoch in range(2):
+        a, b = set(r0["cases"][2 * epoch:2 * epoch + 2]), set(r1["cases"][2 * epoch:2 * epoch + 2])
+        assert len(a) == len(b) == 2 and not a & b
