@@ -404,6 +404,7 @@ def _render(sub: Subject, rng: np.random.Generator):
     _spine(grid, pt)
     _ribs(grid, pt, sub)
     _pelvis(grid, pt, sub)
+    _organ_texture(grid, pt, rng)
 
     return grid, _add_noise(pt, sub, rng), pt.label
 
@@ -494,6 +495,46 @@ def _vessels(grid: _Grid, pt: _Painter, phase: dict) -> None:
     qx, qy, qz = grid.q(sl)
     m = _tube(qx, qy, v["x"], v["y"], v["r"]) & (qz >= v["z0"]) & (qz <= v["z1"]) & pt.body[sl]
     pt.put(sl, m, phase["ivc"], LABELS["ivc"])
+
+
+_TEXTURE_GRID_MM = 8.0
+"""Spacing of the random fields behind organ texture and liver vessels (features of ~15-25 mm)."""
+_TEXTURE_HU = 6.0
+"""Standard deviation of the smooth parenchymal texture of liver, spleen and kidneys."""
+_TEXTURED = ("liver", "spleen", "kidney_right", "kidney_left")
+_LIVER_VESSEL_WIDTH = 0.18
+"""Liver vessels: where two smooth unit-variance fields are both within +-this of 0 (tubes ~3-5 mm)."""
+_LIVER_VESSEL_HU = {"non_contrast": -12.0, "arterial": 15.0, "portal_venous": 55.0}
+"""Vessel contrast against the parenchyma per phase (portal and hepatic veins light up in the
+portal venous phase)."""
+
+
+def _organ_texture(grid: _Grid, pt: _Painter, rng: np.random.Generator) -> None:
+    """Mild smooth texture in solid organs and a vessel tree in the liver, from random fields in
+    atlas mm (so both scale with the subject and look the same at every resolution)."""
+    from scipy import ndimage
+
+    for name in _TEXTURED:
+        o = grid.sub.organs[name]
+        lo, hi = o.lo() - _TEXTURE_GRID_MM, o.hi() + _TEXTURE_GRID_MM
+        dims = tuple(np.ceil((hi - lo) / _TEXTURE_GRID_MM).astype(int) + 2)
+        fields = []
+        for _ in range(3 if name == "liver" else 1):
+            f = ndimage.gaussian_filter(rng.standard_normal(dims), 1.0)
+            fields.append(f / f.std())
+        for sl in _slabs(grid.box(lo, hi)):
+            idx = np.nonzero(pt.label[sl] == LABELS[name])
+            if idx[0].size == 0:
+                continue
+            q = grid.q_at(tuple(i + s.start for i, s in zip(idx, sl)))
+            coords = np.stack([(q[a] - lo[a]) / _TEXTURE_GRID_MM for a in range(3)])   # [3, N] field units
+            values = [ndimage.map_coordinates(f, coords, order=1, mode="nearest") for f in fields]
+            hu = pt.hu[sl]
+            add = _TEXTURE_HU * values[0]
+            if name == "liver":
+                vessel = (np.abs(values[1]) < _LIVER_VESSEL_WIDTH) & (np.abs(values[2]) < _LIVER_VESSEL_WIDTH)
+                add = add + vessel * _LIVER_VESSEL_HU[grid.sub.phase]
+            hu[idx] += add.astype(np.float32)
 
 
 _BOWEL_Z = (40.0, 365.0)
