@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "matched to cases by case id without the _0000 channel suffix")
     p.add_argument("--pairs", default="all",
                    help="'all' ordered case pairs, or N random ordered pairs (seeded)")
+    p.add_argument("--json_list", default=None,
+                   help="decathlon datalist: evaluate only its 'validation' cases (held out from sam-train)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing N random pairs")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                    help="fine-search window edge in fine voxels around the coarse match")
@@ -55,6 +57,22 @@ def load_landmarks(directory) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+def validation_cases(json_list) -> set[str]:
+    """Case ids of a datalist's 'validation' list."""
+    import json
+    from pathlib import Path
+
+    from alice_ds.data import case_id_from_path
+    from alice_ds.errors import DataError
+
+    try:
+        return {case_id_from_path(e["image"]) for e in json.loads(Path(json_list).read_text())["validation"]}
+    except FileNotFoundError:
+        raise DataError(json_list, "datalist not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(json_list, f"not a decathlon datalist with a 'validation' list ({e})") from None
+
+
 def summarize(errors) -> dict:
     import numpy as np
 
@@ -64,10 +82,10 @@ def summarize(errors) -> dict:
 
 
 def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int = DEFAULT_WINDOW,
-             on_pair=None) -> dict:
+             on_pair=None, only=None) -> dict:
     """Match every common landmark over the chosen case pairs. -> {"overall": summary,
     "per_landmark": {name: summary}, "pairs": n, "cases": [...]} (summary: n, mean_mm, median_mm,
-    within_10mm as a fraction)."""
+    within_10mm as a fraction). `only`: restrict to these case ids."""
     import itertools
 
     import numpy as np
@@ -77,7 +95,8 @@ def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int
     from alice_ds.sam.io import list_embeddings
     from alice_ds.sam.matcher import Matcher
 
-    cases = [c for c in list_embeddings(embed_dir) if case_key(c) in landmarks]
+    cases = [c for c in list_embeddings(embed_dir)
+             if case_key(c) in landmarks and (only is None or c in only)]
     if len(cases) < 2:
         raise UserError(f"{embed_dir}: need >= 2 embedded cases with landmark files, found {len(cases)}")
     ordered = [(a, b) for a, b in itertools.permutations(cases, 2)]
@@ -116,13 +135,14 @@ def run(args) -> int:
     if args.pairs != "all" and not (args.pairs.isdigit() and int(args.pairs) > 0):
         raise UserError(f"--pairs must be 'all' or a positive integer, got {args.pairs!r}")
     marks = load_landmarks(args.landmarks)
-    n_cases = len(list_embeddings(args.embed_dir))
+    only = None if args.json_list is None else validation_cases(args.json_list)
+    n_cases = len([c for c in list_embeddings(args.embed_dir) if only is None or c in only])
     total = n_cases * (n_cases - 1) if args.pairs == "all" else int(args.pairs)
     t0 = time.time()
     with progress() as bar:
         task = bar.add_task("sam-eval", total=total)
         res = evaluate(args.embed_dir, marks, args.pairs, args.seed, args.window,
-                       on_pair=lambda: bar.advance(task))
+                       on_pair=lambda: bar.advance(task), only=only)
     res["seconds_per_pair"] = (time.time() - t0) / max(res["pairs"], 1)
     rows = [[name, s["n"], f"{s['mean_mm']:.2f}", f"{s['median_mm']:.2f}", f"{100 * s['within_10mm']:.1f}"]
             for name, s in [*res["per_landmark"].items(), ("overall", res["overall"])]]
