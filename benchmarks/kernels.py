@@ -10,9 +10,12 @@ fit in `--max-mem-gib` is run with N halved until it fits (the row says which N 
 Peak memory is measured per case in a fresh subprocess, as the extra memory above what the inputs
 already hold: on CUDA `torch.cuda.max_memory_allocated()` minus the allocation before the step; on
 CPU the resident-set high-water mark (`VmHWM`, reset just before the step by writing 5 to
-`/proc/self/clear_refs`) minus the resident set size just before it (glibc returns large freed blocks
-to the OS, so RSS tracks the live tensors). Both count the returned gradient. Times are the median of `--repeats` steps after one
-warm-up step and the memory step; compare them only within one run on one machine.
+`/proc/self/clear_refs`) minus the resident set size just before it. The case subprocess runs with a
+fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_), so every block above it goes back to the OS
+when freed and RSS tracks the live tensors (with glibc's default dynamic threshold a freed 13 MiB
+gradient stays in the heap and the next step's gradient appears to cost nothing). Both count the
+returned gradient. Times are the median of `--repeats` steps after one warm-up step and the memory
+step; compare them only within one run on one machine.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ REF_CE_FP32_COPIES = 7
 used only to shrink N on CPU so the case fits in --max-mem-gib; the measured peak is reported."""
 REF_MSE_FP32_COPIES = 10
 BYTES_PER_KIB = 1024
+TABLE_WIDTH = 110
+MMAP_THRESHOLD = 1 << 17
+"""Bytes; glibc's default starting value, made fixed (setting it disables the dynamic threshold)."""
+"""Columns of the result table even when stderr is not a terminal (rich would default to 80)."""
 
 
 def _sync(device):
@@ -48,6 +55,11 @@ def _sync(device):
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def case_env() -> dict:
+    """Environment of a case subprocess: glibc returns every block above MMAP_THRESHOLD on free."""
+    return dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
 
 
 def _reset_peak_rss() -> None:
@@ -211,6 +223,8 @@ def main(argv=None) -> int:
     import torch
     import triton
 
+    from rich.console import Console
+
     from alice_ds.console import console, progress, table
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -223,7 +237,7 @@ def main(argv=None) -> int:
         task = bar.add_task("kernel benchmark", total=len(cases))
         for case in cases:
             proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=case_env())
             if proc.returncode != 0:
                 console.print(proc.stderr[-2000:])
                 raise SystemExit(f"case {case} failed with exit code {proc.returncode}")
@@ -243,7 +257,8 @@ def main(argv=None) -> int:
     body = [[r["op"], r["N"] if r["N"] == r["N_requested"] else f"{r['N']}/{r['N_requested']}",
              r["K"], r["impl"], f"{r['ms']:.1f}", f"{r['peak_mem_bytes'] / 2**20:.1f}",
              r.get("mem_ratio", ""), r.get("speedup", ""), r.get("GB_s", "")] for r in rows]
-    console.print(table(f"{args.dtype} fwd+bwd on {device_name}; N a/b: ran a of b rows; "
+    wide = Console(stderr=True, width=max(console.width, TABLE_WIDTH))
+    wide.print(table(f"{args.dtype} fwd+bwd on {device_name}; N a/b: ran a of b rows; "
                         "mem ×, speed ×: baseline / fused", cols, body))
     if args.json:
         with open(args.json, "w") as f:

@@ -115,3 +115,34 @@ def test_masked_mse_triton_matches_reference(shape, block, kind):
         assert loss.item() == 0.0 and grad.abs().max().item() == 0.0
     if kind in ("all", "unmasked"):
         torch.testing.assert_close(loss, ((p - t) ** 2).mean().detach(), **MSE_TOL)
+
+
+def _bench_case(impl, n, k):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    case = dict(op="centered_ce", N=n, K=k, N_requested=n, impl=impl, device="cpu",
+                dtype="float32", repeats=1, threads=1)
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "kernels.py"
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from kernels import case_env
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    out = subprocess.run([sys.executable, str(script), "--case", json.dumps(case)], check=True,
+                         capture_output=True, text=True, timeout=120, env=case_env()).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_benchmark_memory_claim_chunked_holds_only_the_gradient():
+    """The CPU benchmark's peak-memory method (VmHWM reset per step) on a real case: the chunked
+    path's extra memory is the [N, K] gradient plus O(chunk); the reference holds ≥ 3 such tensors."""
+    n, k = 512, 4096
+    grad_bytes = n * k * 4
+    fused = _bench_case("chunked", n, k)
+    ref = _bench_case("reference", n, k)
+    assert 0.8 * grad_bytes <= fused["peak_mem_bytes"] <= 1.3 * grad_bytes, fused
+    assert ref["peak_mem_bytes"] >= 3 * grad_bytes, ref
+    assert fused["ms"] > 0 and ref["ms"] > 0
