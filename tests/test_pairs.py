@@ -154,8 +154,8 @@ def _same(x, y):
 
 def test_determinism_and_augmentation(cohort):
     cfg = dict(roi=32, rotation=15.0, noise_std=0.1, intensity_scale=0.1, intensity_shift=0.1)
-    first = [_dataset(cohort, **cfg).sample(i) for i in range(3)]
-    again = [_dataset(cohort, **cfg).sample(i) for i in reversed(range(3))][::-1]
+    first = [_dataset(cohort, **cfg).sample(i) for i in range(2)]
+    again = [_dataset(cohort, **cfg).sample(i) for i in reversed(range(2))][::-1]
     assert all(_same(x, y) for x, y in zip(first, again))
     other = PairDataset(cohort["cache"], cohort["embed"], PairConfig(**cfg), seed=1, rank=0, world_size=1)
     assert not _same(first[0], other.sample(0))
@@ -187,11 +187,11 @@ def test_ranks_get_disjoint_shards_of_equal_length(cohort):
 def test_resume_continues_the_exact_stream_with_workers(cohort):
     cfg = dict(roi=32, rotation=10.0, noise_std=0.1)
     reference = PairLoader(_dataset(cohort, **cfg), batch_size=2, num_workers=0)
-    ref = [b for _, b in zip(range(4), reference)]
+    ref = [b for _, b in zip(range(3), reference)]
     loader = PairLoader(_dataset(cohort, **cfg), batch_size=2, num_workers=2)
-    got = [b for _, b in zip(range(2), loader)]
+    got = [b for _, b in zip(range(1), loader)]
     state = json.loads(json.dumps(loader.state_dict()))  # survives a JSON round trip
-    assert state["epoch"] * 5 + state["position"] == 4
+    assert state["epoch"] * 5 + state["position"] == 2
     restored = PairLoader(_dataset(cohort, **cfg), batch_size=2, num_workers=2)
     restored.load_state_dict(state)
     got += [b for _, b in zip(range(2), restored)]
@@ -201,7 +201,7 @@ def test_resume_continues_the_exact_stream_with_workers(cohort):
     assert ref[0]["query"].shape == (2, 1, 32, 32, 32) and ref[0]["query_mask"].shape == (2, 16, 16, 16)
     assert isinstance(ref[0]["query_case"], list) and len(ref[0]["kind"]) == 2
     st = loader.stats()
-    assert st["samples"] == 4 and st["inter"] == 4 and st["acceptance_rate"] == 1.0
+    assert st["samples"] == 2 and st["inter"] == 2 and st["acceptance_rate"] == 1.0
     assert 0.9 <= st["mean_score"] <= 1.0
 
 
@@ -267,14 +267,14 @@ def test_phantom_chain_landmarks(phantom_dir, phantom_cache, tmp_path):
         write_oracle_embedding(embedding_path(tmp_path, cid), cid, case.affine, case.shape, lms[cid], reference)
     ds = PairDataset(phantom_cache, tmp_path, PairConfig(**FAST), rank=0, world_size=1)
     errors = []
-    for a, b in zip(ids, ids[1:] + ids[:1]):
+    for a, b in ((ids[0], ids[1]), (ids[2], ids[3])):
         for name in sorted(set(lms[a]) & set(lms[b])):
             s = ds.pair(a, [lms[a][name]], key_case=b)
             assert s["kind"] == "inter"
             errors.append(np.linalg.norm(s["anchor_center_mm"].numpy() - lms[b][name]))
     errors = np.asarray(errors)
     print(f"phantom landmark errors (mm): median {np.median(errors):.1f}, max {errors.max():.1f}, n={len(errors)}")
-    assert len(errors) >= 20
+    assert len(errors) >= 12
     assert np.median(errors) <= 10.0
     assert np.mean(errors <= 20.0) >= 0.9
 

@@ -31,11 +31,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from alice_ds.console import warn
+from alice_ds import dist
+from alice_ds.console import progress, warn
 from alice_ds.data.augment import ViewAugment
 from alice_ds.data.cache import AIR_HU, hu_window, list_cases, open_case
 from alice_ds.data.masks import block_mask
 from alice_ds.errors import DataError, UserError
+from alice_ds.sam.io import open_embedding
+from alice_ds.sam.matcher import Matcher
 
 COVERAGE_TOLERANCE = 1.5
 """How far (in fine-grid voxels) a corner of the cached volume may lie outside the embedding's fine
@@ -131,7 +134,6 @@ class PairConfig:
 
 def _check_embedding(embed_dir, case) -> str | None:
     """Why the case's embedding file cannot be used with its cached volume, or None when it can."""
-    from alice_ds.sam.io import open_embedding
     try:
         ef = open_embedding(embed_dir, case.case_id)
     except DataError as e:
@@ -157,12 +159,16 @@ class PairDataset(IterableDataset):
     anatomy); `query_center_mm`, `anchor_center_mm` float64 [3] (world mm of the crops' centre
     voxels); `query_case`, `anchor_case` str; `kind` "inter" | "intra"; `tries` int (matcher calls
     made for the sample, 0 without embeddings); `index` int (position in the rank's stream).
+
+    `cases` restricts the sampler to those ids (a datalist split); `rank`/`world_size` default to
+    the process group; `epochs=None` streams forever; `matcher` is anything with the
+    `Matcher.match` signature (default: `Matcher(embed_dir, window=config.match_window)`, built
+    lazily in each worker).
     """
 
     def __init__(self, cache_dir, embed_dir=None, config: PairConfig | None = None, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, cases: list[str] | None = None,
                  epochs: int | None = None, matcher=None):
-        from alice_ds import dist
         self.cache_dir = cache_dir
         self.embed_dir = embed_dir
         self.config = config or PairConfig()
@@ -198,17 +204,20 @@ class PairDataset(IterableDataset):
         if not ids:
             raise UserError(f"{self.cache_dir}: no cached cases (run `alice-ds preprocess` first)")
         valid = []
-        for cid in ids:
-            try:
-                case = open_case(self.cache_dir, cid)
-            except DataError as e:
-                self.skipped[cid] = str(e)
-                continue
-            problem = None if self.embed_dir is None else _check_embedding(self.embed_dir, case)
-            if problem is None:
-                valid.append(cid)
-            else:
-                self.skipped[cid] = problem
+        with progress(disable=self.rank != 0, transient=True) as bar:
+            task = bar.add_task("checking cases and embeddings", total=len(ids))
+            for cid in ids:
+                bar.advance(task)
+                try:
+                    case = open_case(self.cache_dir, cid)
+                except DataError as e:
+                    self.skipped[cid] = str(e)
+                    continue
+                problem = None if self.embed_dir is None else _check_embedding(self.embed_dir, case)
+                if problem is None:
+                    valid.append(cid)
+                else:
+                    self.skipped[cid] = problem
         for cid, why in self.skipped.items():
             warn(f"pair sampler skips case {cid}: {why}")
         bad = len(self.skipped) / len(ids)
@@ -227,7 +236,6 @@ class PairDataset(IterableDataset):
     def matcher(self):
         """The SAM matcher of this process, built on first use (inside each DataLoader worker)."""
         if self._matcher is None:
-            from alice_ds.sam.matcher import Matcher
             self._matcher = Matcher(self.embed_dir, window=self.config.match_window)
         return self._matcher
 
