@@ -218,9 +218,17 @@ class TeacherSource(BackboneSource):
 
 
 class StudentSource(BackboneSource):
-    """The student's fp32 master weights via DeepSpeed's `zero_to_fp32` (lazy mode: under ZeRO-3 one
-    parameter is gathered from the rank partitions at a time; under ZeRO 1-2 DeepSpeed concatenates
-    the memory-mapped partitions of each parameter group once)."""
+    """The student's fp32 master weights, reassembled by DeepSpeed's `zero_to_fp32` from the fp32
+    optimizer partitions of every rank (memory-mapped). Under ZeRO-3 one parameter is gathered at a
+    time (lazy mode); under ZeRO 1-2 DeepSpeed concatenates each parameter group's partitions once.
+
+    DeepSpeed's own `parse_model_states` reads each model-states file whole (student, frozen teacher
+    and all) without mmap and keeps the frozen fragments alive. We parse those files ourselves (mmap,
+    weights_only=True, frozen fragments dropped) into its `zero_model_state` records and hand them
+    to its reconstruction. Measured at F=48 (238 MB fp32), ZeRO-2, 1 rank: peak RSS above the import
+    baseline 756 MB with DeepSpeed's parsing, 604 MB with ours, of which 238 MB are memory-mapped
+    (reclaimable) pages of the optimizer file and 238 MB DeepSpeed's concatenated partitions.
+    """
 
     PREFIX = "student.backbone."
 
@@ -228,18 +236,26 @@ class StudentSource(BackboneSource):
         from deepspeed.utils import zero_to_fp32
 
         self.ref = ref
-        files = sorted(ref.tag_dir.glob("*_optim_states.pt")) + sorted(ref.tag_dir.glob("*_model_states.pt"))
-        if not any(f.name.endswith("_optim_states.pt") for f in files):
-            raise DataError(ref.tag_dir, "no DeepSpeed `*_optim_states.pt` files: the student's fp32 "
-                                         "master weights are not in this checkpoint")
-        for f in files:
+        optim = sorted(ref.tag_dir.glob("*_optim_states.pt"), key=lambda p: zero_to_fp32.natural_keys(p.name))
+        models = sorted(ref.tag_dir.glob("*_model_states.pt"), key=lambda p: zero_to_fp32.natural_keys(p.name))
+        if not optim or not models:
+            raise DataError(ref.tag_dir, "no DeepSpeed `*_optim_states.pt` / `*_model_states.pt` files: "
+                                         "the student's fp32 master weights are not in this checkpoint")
+        for f in optim + models:
             check_deepspeed_file(f)
+        model_states = [_model_state_record(f) for f in models]
         try:
             # zero_to_fp32 reports progress with print(); keep stdout for machine-readable output
             with contextlib.redirect_stdout(sys.stderr):
-                state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
-                    str(ref.root), tag=ref.tag, exclude_frozen_parameters=True, lazy_mode=True)
-        except (ValueError, RuntimeError, FileNotFoundError) as e:
+                stage, world, groups, *paddings = zero_to_fp32.parse_optim_states(
+                    [str(f) for f in optim], str(ref.tag_dir))
+                if stage <= 2:
+                    state = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
+                        world, groups, model_states, True, *paddings)
+                else:
+                    state = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(
+                        world, groups, model_states, True)
+        except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
             raise DataError(ref.tag_dir, f"DeepSpeed's zero_to_fp32 cannot read this checkpoint ({e})") from None
         self.state = {k[len(self.PREFIX):]: v for k, v in state.items() if k.startswith(self.PREFIX)}
 
@@ -249,6 +265,21 @@ class StudentSource(BackboneSource):
     def get(self, name: str) -> torch.Tensor:
         t = self.state[name].contiguous()  # ZeRO-3: GatheredTensor -> Tensor, gathered now
         return t.float() if t.is_floating_point() else t
+
+
+def _model_state_record(path: Path):
+    """`zero_to_fp32.parse_model_states` for one file, memory-mapped and without frozen parameters."""
+    from deepspeed.utils import zero_to_fp32
+
+    states = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if "buffer_names" not in states or "param_shapes" not in states:
+        raise DataError(path, "not a DeepSpeed model-states file")
+    buffers = {k: v.float() if v.is_floating_point() else v
+               for k, v in states["module"].items() if k in states["buffer_names"]}
+    return zero_to_fp32.zero_model_state(
+        buffers=buffers, param_shapes=states["param_shapes"],
+        shared_params=[[k, v] for k, v in states.get("shared_params", {}).items()],
+        ds_version=states.get("ds_version"), frozen_param_shapes=None, frozen_param_fragments=None)
 
 
 def open_backbone(ref: CheckpointRef, which: str) -> BackboneSource:
