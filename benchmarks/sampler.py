@@ -152,6 +152,8 @@ def _rate(fn, n: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from alice_ds.data.pairs import PairConfig, PairDataset
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the report here")
@@ -163,12 +165,14 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline_pairs", type=int, default=3, help="pairs per timed repeat of the baseline")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     ap.add_argument("--seed", type=int, default=0, help="phantom and sampling seed")
+    ap.add_argument("--score_threshold", type=float, default=PairConfig.score_threshold,
+                    help="acceptance threshold for both samplers; oracle embeddings score ~1 at a true "
+                         "match, so a higher threshold mimics the lower acceptance of a learned SAM")
     args = ap.parse_args(argv)
 
     import torch
 
     from alice_ds.console import console, table
-    from alice_ds.data.pairs import PairConfig, PairDataset
     from alice_ds.sam.matcher import Matcher
 
     torch.set_num_threads(1)  # per-core rates: one DataLoader worker runs one thread
@@ -176,8 +180,9 @@ def main(argv=None) -> int:
     cache, embed = build_data(work, args.num_cases, args.seed, args.spacing)
 
     results = {}
-    for name, cfg in (("plain", PairConfig(roi=args.roi, rotation=0.0, noise_std=0.0)),
-                      ("augmented", PairConfig(roi=args.roi))):
+    thr = args.score_threshold
+    for name, cfg in (("plain", PairConfig(roi=args.roi, rotation=0.0, noise_std=0.0, score_threshold=thr)),
+                      ("augmented", PairConfig(roi=args.roi, score_threshold=thr))):
         timed = TimedMatcher(Matcher(embed, window=cfg.match_window))
         ds = PairDataset(cache, embed, cfg, seed=args.seed, rank=0, world_size=1, matcher=timed)
         it = iter(ds)
@@ -190,7 +195,7 @@ def main(argv=None) -> int:
         results[name] = dict(rate=rate, stats=ds.stats(), matcher_ms_per_call=1e3 * timed.cpu_s / timed.calls,
                              matcher_cpu_fraction=timed.cpu_s / total)
 
-    base = ReferenceSampler(cache, embed, args.roi, PairConfig().score_threshold, args.seed)
+    base = ReferenceSampler(cache, embed, args.roi, thr, args.seed)
     base_rate = _rate(base.pair, args.baseline_pairs, args.repeats)
 
     from alice_ds.data.cache import open_case
@@ -216,7 +221,7 @@ def main(argv=None) -> int:
         "config": {"roi": args.roi, "spacing_mm": args.spacing, "num_cases": args.num_cases,
                    "case_shapes": shapes, "pairs": args.pairs, "baseline_pairs": args.baseline_pairs,
                    "repeats": args.repeats, "torch_threads": 1,
-                   "sampler": PairConfig(roi=args.roi).__dict__},
+                   "sampler": PairConfig(roi=args.roi, score_threshold=thr).__dict__},
         "device": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                    "torch": torch.__version__, "numpy": np.__version__},
     }
