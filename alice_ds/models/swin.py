@@ -211,10 +211,10 @@ class SwinViT(nn.Module):
     def forward(self, x: torch.Tensor, mask_token: torch.Tensor | None = None,
                 patch_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """x [B, C_in, X, Y, Z]; patch_mask [B, 1, X/2, Y/2, Z/2] bool (True = masked) with
-        mask_token [1, F, 1, 1, 1] -> five normalised stage outputs, stride 2..32, widths F..16F."""
+        mask_token [F] -> five normalised stage outputs, stride 2..32, widths F..16F."""
         h = self.patch_embed(x)  # [B, F, X/2, Y/2, Z/2]
         if patch_mask is not None:
-            h = torch.where(patch_mask, mask_token.to(h.dtype), h)
+            h = torch.where(patch_mask, mask_token.to(h.dtype).view(1, -1, 1, 1, 1), h)
         outs = [_stage_norm(h)]
         for i in range(NUM_STAGES):
             if self.use_v2:
@@ -269,7 +269,7 @@ class SwinBackbone(nn.Module):
         self.decoder2 = up(2 * fs, fs)
         self.decoder1 = up(fs, fs)
         self.out = UnetOutBlock(spatial_dims=3, in_channels=fs, out_channels=out_channels)
-        self.mask_token = nn.Parameter(torch.zeros(1, fs, 1, 1, 1))
+        self.mask_token = nn.Parameter(torch.zeros(fs))  # [F]: 1-D, so optimizers group it with norms (no decay)
         trunc_normal_(self.mask_token, std=INIT_STD)
 
     def _call(self, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
