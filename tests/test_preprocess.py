@@ -204,7 +204,7 @@ def test_killed_run_leaves_no_partial_case_and_rerun_completes(phantom_dir, phan
     and the next run finishes the rest and removes the dead run's temp files."""
     cache = tmp_path / "c"
     cmd = [sys.executable, "-m", "alice_ds.cli", "preprocess", "--data_dir", str(phantom_dir),
-           "--json_list", str(phantom_datalist), "--cache_dir", str(cache), "--spacing", "1.5", "1.5", "1.5"]
+           "--json_list", str(phantom_datalist), "--cache_dir", str(cache), "--spacing", "2", "2", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "ALICE_DS_PROGRESS": "0"})
     deadline = time.monotonic() + 240
@@ -220,7 +220,7 @@ def test_killed_run_leaves_no_partial_case_and_rerun_completes(phantom_dir, phan
     for cid in done:
         case = open_case(cache, cid)
         assert np.asarray(case.array).shape == case.shape
-    s = preprocess_dataset(phantom_dir, phantom_datalist, cache, spacing=(1.5, 1.5, 1.5), show=False)
+    s = preprocess_dataset(phantom_dir, phantom_datalist, cache, spacing=(2.0, 2.0, 2.0), show=False)
     assert sorted(s.skipped) == done and len(s.done) == 4 - len(done)
     assert list_cases(cache) == [f"Case_{i:05d}_0000" for i in range(1, 5)]
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]

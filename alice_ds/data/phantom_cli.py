@@ -33,7 +33,7 @@ def run(args) -> int:
         def on_case(case):
             info = case.info
             rows.append([case.case_id, "x".join(map(str, info["shape"])),
-                         "x".join(f"{s:.1f}" for s in info["spacing"]), info["orientation"],
+                         "{:.2f}/{:.1f}".format(info["spacing"][0], info["spacing"][2]), info["orientation"],
                          _PHASE_SHORT[info["phase"]], "{:.0f}-{:.0f}".format(*info["atlas_z_range"]),
                          len(case.landmarks)])
             bar.advance(task)
@@ -41,5 +41,5 @@ def run(args) -> int:
         write_dataset(args.out_dir, args.num, seed=args.seed, small=args.small, on_case=on_case)
     seconds = time.perf_counter() - start
     console.print(table(f"phantom dataset {args.out_dir} ({seconds:.1f} s, {seconds / args.num:.2f} s/case)",
-                        ["case", "shape", "voxel mm", "stored", "phase", "z mm", "points"], rows))
+                        ["case", "shape", "voxel xy/z", "stored", "phase", "z mm", "points"], rows))
     return 0
