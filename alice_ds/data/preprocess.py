@@ -30,6 +30,8 @@ from alice_ds.errors import DataError, UserError
 FORMAT_VERSION = 1
 INT16_RANGE = (-32768, 32767)
 _TMP_MARK = ".tmp-"
+_TABLE_MAX_ROWS = 50
+"""Above this many cases the summary table lists only the bad ones (the counts line says the rest)."""
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 """Axis labels for MONAI's `Orientation`: (low, high) end of each world axis, nibabel convention."""
 
@@ -225,8 +227,12 @@ def preprocess_dataset(data_dir, json_list, cache_dir, spacing=(1.5, 1.5, 2.0), 
     summary.seconds = time.perf_counter() - start
     summary.rows.sort(key=lambda r: r[0])
     if show:
-        console.print(table(f"preprocess -> {cache} (spacing {spacing} mm, {summary.seconds:.1f} s)",
-                            ["case", "status", "shape", "note"], summary.rows))
+        rows = summary.rows
+        if len(rows) > _TABLE_MAX_ROWS:  # large datasets: only the cases that need attention
+            rows = [r for r in rows if r[1] != "up to date" and r[1] != "done"]
+        if rows:
+            console.print(table(f"preprocess -> {cache} (spacing {spacing} mm, {summary.seconds:.1f} s)",
+                                ["case", "status", "shape", "note"], rows))
         console.print(f"{len(summary.done)} written, {len(summary.skipped)} up to date, {len(summary.bad)} bad",
                       highlight=False)
     if summary.bad:
