@@ -182,6 +182,8 @@ def test_ranks_get_disjoint_shards_of_equal_length(cohort):
         seen |= c0 | c1
     assert len(seen) == 5  # the case left out rotates across epochs (seed 3)
     assert all(s["kind"] == "intra" and s["query_case"] == s["anchor_case"] for s in s0)
+    st = r0.stats()
+    assert (st["samples"], st["intra"], st["matcher_calls"], st["acceptance_rate"]) == (6, 6, 0, None)
 
 
 def test_resume_continues_the_exact_stream_with_workers(cohort):
@@ -332,3 +334,15 @@ def test_two_gloo_ranks_share_epochs_disjointly(cohort, tmp_path):
     for epoch in range(2):
         a, b = set(r0["cases"][2 * epoch:2 * epoch + 2]), set(r1["cases"][2 * epoch:2 * epoch + 2])
         assert len(a) == len(b) == 2 and not a & b
+
+
+def test_intra_pairs_are_two_augmentations_of_one_crop(cohort):
+    ds = _dataset(cohort, embed=False, noise_std=0.1)
+    s = ds.sample(0)
+    assert s["kind"] == "intra" and s["query_case"] == s["anchor_case"] and s["tries"] == 0
+    assert torch.equal(s["query_center_mm"], s["anchor_center_mm"]) and s["score"] == 1.0
+    q, a = s["query"][0], s["anchor"][0]
+    both = (q > 0) & (q < 1) & (a > 0) & (a < 1)  # unclipped voxels: the difference is the noise
+    assert both.sum() > 1000
+    # independent noise fields of sigma 0.1 in each view: the difference has sigma 0.1 * sqrt(2)
+    assert abs(float((q - a)[both].std()) - 0.1 * np.sqrt(2)) < 0.02

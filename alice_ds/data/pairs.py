@@ -422,15 +422,16 @@ class PairDataset(IterableDataset):
         """Counters over the samples handed out so far by this process (or its PairLoader):
         `acceptance_rate` = inter / samples that tried matching (1 - fallback rate),
         `call_acceptance_rate` = inter / matcher calls, `mean_score` over inter pairs, `retries` =
-        matcher calls beyond the first of each sample, `skipped_cases`."""
+        matcher calls beyond the first of each sample, `skipped_cases`. A rate with nothing to count
+        yet (no matcher call, no inter pair) is None, so the dict stays valid JSON."""
         c = self._counts
         matched = c["inter"] + c["fallbacks"]
         return {
             "samples": c["samples"], "inter": c["inter"], "intra": c["intra"], "fallbacks": c["fallbacks"],
             "matcher_calls": c["matcher_calls"], "retries": c["matcher_calls"] - matched,
-            "acceptance_rate": c["inter"] / matched if matched else float("nan"),
-            "call_acceptance_rate": c["inter"] / c["matcher_calls"] if c["matcher_calls"] else float("nan"),
-            "mean_score": c["score_sum"] / c["inter"] if c["inter"] else float("nan"),
+            "acceptance_rate": c["inter"] / matched if matched else None,
+            "call_acceptance_rate": c["inter"] / c["matcher_calls"] if c["matcher_calls"] else None,
+            "mean_score": c["score_sum"] / c["inter"] if c["inter"] else None,
             "skipped_cases": len(self.skipped),
         }
 
