@@ -489,6 +489,26 @@ def _vessels(grid: _Grid, pt: _Painter, phase: dict) -> None:
         cx = _AORTA_X[0] + t * (sign * e["x"] - _AORTA_X[0])
         cy = _AORTA_Y[0] + t * (e["y"] - _AORTA_Y[0])
         pt.put(sl, _tube(qx, qy, cx, cy, e["r"]) & inside & pt.body[sl], phase["aorta"], LABELS["aorta"])
+    # Renal arteries (aorta -> medial side of each kidney, at the kidney's centre z; the right one
+    # passes behind the IVC) and the celiac trunk (anterior, at the celiac level): they mark the
+    # aortic landmarks along an otherwise uniform tube.
+    r = _BRANCH_R
+    for side in ("right", "left"):
+        k = grid.sub.organs[f"kidney_{side}"]
+        z = k.center[2]
+        a = np.array([np.interp(z, _AORTA_Z, _AORTA_X), np.interp(z, _AORTA_Z, _AORTA_Y), z])
+        end = np.array([k.center[0] - np.sign(k.center[0]) * 0.5 * k.radii[0], k.center[1], z])
+        lo, hi = np.minimum(a, end) - r, np.maximum(a, end) + r
+        sl = grid.box(lo, hi)
+        qx, qy, qz = grid.q(sl)
+        t = (qx - a[0]) / (end[0] - a[0])                                  # 0 at the aorta, 1 at the hilum
+        m = ((qy - (a[1] + t * (end[1] - a[1]))) ** 2 + (qz - z) ** 2 < r ** 2) & (t >= 0) & (t <= 1)
+        pt.put(sl, m & pt.body[sl], phase["aorta"], LABELS["aorta"])
+    a = np.array([np.interp(_CELIAC_Z, _AORTA_Z, _AORTA_X), np.interp(_CELIAC_Z, _AORTA_Z, _AORTA_Y), _CELIAC_Z])
+    sl = grid.box(a - [r, 0, r], a + [r, _CELIAC_LEN_MM, r])
+    qx, qy, qz = grid.q(sl)
+    m = ((qx - a[0]) ** 2 + (qz - a[2]) ** 2 < r ** 2) & (qy >= a[1]) & (qy <= a[1] + _CELIAC_LEN_MM)
+    pt.put(sl, m & pt.body[sl], phase["aorta"], LABELS["aorta"])
     # Inferior vena cava, right of the aorta, up into the right atrium.
     v = _IVC
     sl = grid.box((v["x"] - v["r"], v["y"] - v["r"], v["z0"]), (v["x"] + v["r"], v["y"] + v["r"], v["z1"]))
@@ -496,6 +516,10 @@ def _vessels(grid: _Grid, pt: _Painter, phase: dict) -> None:
     m = _tube(qx, qy, v["x"], v["y"], v["r"]) & (qz >= v["z0"]) & (qz <= v["z1"]) & pt.body[sl]
     pt.put(sl, m, phase["ivc"], LABELS["ivc"])
 
+
+_BRANCH_R = 3.5
+_CELIAC_Z, _CELIAC_LEN_MM = 410.0, 28.0
+"""Atlas z of the celiac trunk and how far it runs anteriorly from the aortic centre line."""
 
 _TEXTURE_GRID_MM = 8.0
 """Spacing of the random fields behind organ texture and liver vessels (features of ~15-25 mm)."""
@@ -725,8 +749,9 @@ def _atlas_landmarks(sub: Subject) -> dict[str, np.ndarray]:
         k = o[f"kidney_{side}"]
         lm[f"kidney_{side}_upper_pole"] = k.center + [0, 0, 0.75 * k.radii[2]]
         lm[f"kidney_{side}_lower_pole"] = k.center - [0, 0, 0.75 * k.radii[2]]
-    for name, z in (("aorta_bifurcation", _AORTA_Z[0] + 8), ("aorta_renal", 276.0),
-                    ("aorta_celiac", 410.0), ("aorta_thoracic", 530.0)):
+    # aorta_renal: the left renal artery origin (the left kidney sits higher).
+    for name, z in (("aorta_bifurcation", _AORTA_Z[0] + 8), ("aorta_renal", o["kidney_left"].center[2]),
+                    ("aorta_celiac", _CELIAC_Z), ("aorta_thoracic", 530.0)):
         lm[name] = np.array([np.interp(z, _AORTA_Z, _AORTA_X), np.interp(z, _AORTA_Z, _AORTA_Y), z])
     for name, z, y in zip(_LEVEL_NAMES, _LEVEL_Z, _LEVEL_Y):
         lm[f"vertebra_{name}"] = np.array([0.0, y, z])
