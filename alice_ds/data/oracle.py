@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from alice_ds.sam.geometry import index_to_world, scaled_affine
+from alice_ds.sam.geometry import scaled_affine
 from alice_ds.sam.io import EMBED_DIM, write_embedding
 
 SAM_SPACING_MM = 2.0
