@@ -8,7 +8,7 @@ import torch
 
 from alice_ds.data import case_key
 from alice_ds.data.cache import hu_window, list_cases, open_case
-from alice_ds.data.phantom import LABELS, LANDMARK_LABELS
+from alice_ds.data.phantom import LANDMARK_LABELS
 from alice_ds.errors import DataError
 
 
