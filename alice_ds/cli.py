@@ -27,6 +27,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends `(default: X)` to an option's help only when X says something: not for required
+    arguments, switches that are off, or help that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only the `chosen` command's module is imported (all of them when None)."""
     parser = argparse.ArgumentParser(
@@ -39,7 +51,7 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         p.set_defaults(_module=module)
         if chosen is None or chosen == name:
             importlib.import_module(module).add_arguments(p)
