@@ -110,5 +110,11 @@ def test_phantom_cli_writes_a_small_dataset(tmp_path, capsys, monkeypatch):
     np.testing.assert_array_equal(np.asarray(img.dataobj), generate_case(1, seed=4, small=True).image)
     err = capsys.readouterr().err
     assert "Case_00001" in err and "128x128x" in err and "points" in err
+    # A reused folder with fewer cases: dataset.json lists only this run's cases.
+    assert main(["phantom", str(out), "--num", "2", "--seed", "4", "--small"]) == 0
+    assert main(["phantom", str(out), "--num", "1", "--seed", "4", "--small"]) == 0
+    ds = json.loads((out / "dataset.json").read_text())
+    assert [e["image"] for e in ds["training"]] == ["imagesTr/Case_00001_0000.nii.gz"] and ds["numTraining"] == 1
+    capsys.readouterr()
     assert main(["phantom", str(out), "--num", "0"]) == 2
     assert "--num must be at least 1, got 0" in capsys.readouterr().err

@@ -840,6 +840,7 @@ def write_case(case: PhantomCase, out_dir) -> None:
 def write_dataset(out_dir, num: int, seed: int = 0, small: bool = False, on_case=None) -> list[str]:
     """Write `num` phantom cases in the FLARE layout plus a decathlon `dataset.json`; returns the
     case ids (`Case_00001`, ...). `on_case(case)` is called after each case is written (progress)."""
+    from alice_ds.data import case_id_from_path, case_key
     from alice_ds.data.datalist import build_datalist, write_datalist
 
     if num < 1:
@@ -853,6 +854,9 @@ def write_dataset(out_dir, num: int, seed: int = 0, small: bool = False, on_case
         if on_case is not None:
             on_case(case)
     datalist = build_datalist(out, val_fraction=0.0, seed=seed)
+    # only this run's cases (a folder reused with a smaller --num keeps older files on disk)
+    written = set(ids)
+    datalist["training"] = [e for e in datalist["training"] if case_key(case_id_from_path(e["image"])) in written]
     datalist.update(name="alice-ds phantom", description=f"synthetic abdominal/thoracic CT, seed {seed}",
                     labels={str(v): k for k, v in LABELS.items()}, numTraining=len(datalist["training"]))
     write_datalist(datalist, out / "dataset.json")
