@@ -49,6 +49,41 @@ def phantom_cache(phantom_dir, phantom_datalist, tmp_path_factory):
 # ---- end of data fixtures ----
 
 
+# ---- SAM fixtures (alice_ds.sam: tiny SAMNet trained a few steps on phantom_cache, then embedded) ----
+SAM_TEST_WIDTH = 0.125
+SAM_TEST_ROI = 32
+SAM_TEST_STEPS = 3
+SAM_TEST_SPACING = 4.0
+"""4 mm instead of SAM's 2 mm grid: 8x fewer voxels to embed. Just enough training that the network is not at its initialisation; accuracy is measured by
+`alice-ds sam-eval` on real runs, not in the suite."""
+
+
+@pytest.fixture(scope="session")
+def sam_checkpoint(phantom_cache, tmp_path_factory):
+    """`OUT/sam.safetensors` (+ .json) of a width-0.125 SAMNet on a 4 mm grid, trained 3 steps on phantom_cache with
+    the real `alice-ds sam-train` (checkpoints every step under OUT/checkpoints)."""
+    from alice_ds.cli import main
+
+    out = tmp_path_factory.mktemp("sam_train")
+    assert main(["sam-train", "--cache_dir", str(phantom_cache), "--output_dir", str(out),
+                 "--steps", str(SAM_TEST_STEPS), "--save_every", "1", "--batch_size", "2",
+                 "--roi", str(SAM_TEST_ROI), "--width", str(SAM_TEST_WIDTH), "--seed", "0",
+                 "--spacing", str(SAM_TEST_SPACING)]) == 0
+    return out / "sam.safetensors"
+
+
+@pytest.fixture(scope="session")
+def sam_embed_dir(phantom_cache, sam_checkpoint, tmp_path_factory):
+    """Embeddings (`<case_id>.safetensors`) of every phantom_cache case, written by `alice-ds embed`."""
+    from alice_ds.cli import main
+
+    out = tmp_path_factory.mktemp("sam_embed")
+    assert main(["embed", "--cache_dir", str(phantom_cache), "--sam_checkpoint", str(sam_checkpoint),
+                 "--embed_dir", str(out)]) == 0
+    return out
+# ---- end of SAM fixtures ----
+
+
 # ---- Engine fixtures (alice_ds.engine: real 2-rank DeepSpeed pretraining runs, shared by tests) ----
 ENGINE_YAML = """\
 model: {preset: tiny, out_dim: 256, patch_out_dim: 256, head_hidden_dim: 512, head_bottleneck_dim: 128,

@@ -99,3 +99,28 @@ def test_missing_and_corrupt_files_name_the_file(embed_dir):
     bad.write_bytes(bad.read_bytes()[:200])
     with pytest.raises(DataError, match="B_0000.safetensors"):
         open_embedding(embed_dir, "B_0000")
+
+
+class _MatchDataset(torch.utils.data.Dataset):
+    """Each item matches one point with a Matcher built in the parent process."""
+
+    def __init__(self, matcher, points):
+        self.matcher, self.points = matcher, points
+
+    def __len__(self):
+        return len(self.points)
+
+    def __getitem__(self, i):
+        matched, score = self.matcher.match("A_0000", "B_0000", self.points[i:i + 1])
+        return torch.from_numpy(matched[0]), torch.from_numpy(score)
+
+
+def test_matcher_in_dataloader_workers(embed_dir):
+    pts = np.random.default_rng(2).uniform([-30, 40, 240], [50, 100, 320], size=(6, 3))
+    matcher = Matcher(embed_dir)
+    want, want_scores = matcher.match("A_0000", "B_0000", pts)  # also fills the parent's cache
+    loader = torch.utils.data.DataLoader(_MatchDataset(matcher, pts), batch_size=2, num_workers=2)
+    got = torch.cat([m for m, _ in loader]).numpy()
+    got_scores = torch.cat([s for _, s in loader]).numpy().ravel()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got_scores, want_scores, atol=1e-6)

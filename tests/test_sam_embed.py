@@ -1,0 +1,188 @@
+"""`alice-ds embed`, `match` and `sam-eval` on real phantom cases (cache from the real preprocess
+path, a real SAMNet trained a few steps with `alice-ds sam-train`)."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from alice_ds.cli import main
+from alice_ds.data.cache import list_cases, open_case
+from alice_ds.sam.crops import body_voxels, resample, sam_grid
+from alice_ds.sam.embed import embed_volume
+from alice_ds.sam.evaluate import evaluate, load_landmarks
+from alice_ds.sam.geometry import index_to_world
+from alice_ds.sam.io import REQUIRED_META, embedding_path, list_embeddings, open_embedding
+from alice_ds.sam.matcher import Matcher
+from alice_ds.sam.train import load_model
+
+FINE_MM = 8.0
+"""Fine grid of the test model: stride 2 of its 4 mm grid (conftest SAM_TEST_SPACING)."""
+EVAL_WINDOW = 12
+"""Fine-search window for the evaluation tests: 96 mm at 8 mm fine voxels, less work than the default."""
+
+
+def test_embedding_files_carry_documented_format(phantom_cache, sam_checkpoint, sam_embed_dir):
+    cases = list_cases(phantom_cache)
+    assert list_embeddings(sam_embed_dir) == cases
+    model_id = json.loads(sam_checkpoint.with_suffix(".json").read_text())["model_id"]
+    for case_id in cases:
+        ef = open_embedding(sam_embed_dir, case_id)
+        case = open_case(phantom_cache, case_id)
+        sam_affine, sam_shape = sam_grid(case.affine, case.shape, FINE_MM / 2)
+        assert set(REQUIRED_META) <= set(ef.meta)
+        assert ef.meta["case_id"] == case_id and ef.meta["model_id"] == model_id
+        assert json.loads(ef.meta["fine_stride"]) == [2, 2, 2]
+        assert json.loads(ef.meta["coarse_stride"]) == [16, 16, 16]
+        assert ef.fine_shape == tuple(math.ceil(s / 2) for s in sam_shape)
+        assert sam_grid(case.affine, case.shape, FINE_MM / 2)[1] == sam_shape
+        assert ef.coarse_shape == tuple(math.ceil(s / 16) for s in sam_shape)
+        # voxel 0 of every grid is voxel 0 of the cache; spacings 4 mm and 32 mm, RAS axes
+        np.testing.assert_allclose(ef.fine_affine[:3, 3], case.affine[:3, 3], atol=1e-6)
+        np.testing.assert_allclose(ef.fine_affine[:3, :3], np.diag([FINE_MM] * 3), atol=1e-6)
+        np.testing.assert_allclose(ef.coarse_affine[:3, :3], np.diag([FINE_MM * 8] * 3), atol=1e-6)
+        norms = ef.fine_window((0, 0, 0), (4, 4, 4)).norm(dim=-1)
+        np.testing.assert_allclose(norms.numpy(), 1.0, atol=2e-3)
+    assert not list(sam_embed_dir.glob(".*tmp"))
+
+
+def test_embed_is_idempotent_and_tiles_agree(phantom_cache, sam_checkpoint, sam_embed_dir, capsys):
+    stamps = {p.name: p.stat().st_mtime_ns for p in sam_embed_dir.iterdir()}
+    assert main(["embed", "--cache_dir", str(phantom_cache), "--sam_checkpoint", str(sam_checkpoint),
+                 "--embed_dir", str(sam_embed_dir)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in sam_embed_dir.iterdir()} == stamps
+    # tiling: 64-voxel tiles with 32 overlap (2 x 2 x 1 tiles) reproduce the one-tile embedding
+    case = open_case(phantom_cache, list_cases(phantom_cache)[0])
+    affine, shape = sam_grid(case.affine, case.shape, FINE_MM / 2)
+    hu = resample(case.array, case.affine, affine, shape)[:96, :96, :64]
+    model, _ = load_model(sam_checkpoint)
+    whole_f, whole_c = embed_volume(model, hu, tile=96, overlap=0)
+    fine, coarse = embed_volume(model, hu, tile=64, overlap=32)
+    cos_f = (fine.float() * whole_f.float()).sum(-1)
+    cos_c = (coarse.float() * whole_c.float()).sum(-1)
+    assert cos_f.median() > 0.999 and cos_f.quantile(0.01) > 0.95, cos_f.quantile(0.01)
+    assert cos_c.median() > 0.99, cos_c.median()
+
+
+def test_self_match_real_embeddings(phantom_cache, sam_embed_dir):
+    """Points at fine-voxel centres inside the body match back to themselves, score ~ 1."""
+    case_id = list_cases(phantom_cache)[1]
+    case = open_case(phantom_cache, case_id)
+    ef = open_embedding(sam_embed_dir, case_id)
+    rng = np.random.default_rng(0)
+    body = body_voxels(case.array)
+    pts_cache = index_to_world(case.affine, body[rng.choice(len(body), 30, replace=False)])
+    fine_ijk = np.rint(np.linalg.solve(ef.fine_affine, np.c_[pts_cache, np.ones(30)].T).T[:, :3])
+    pts = index_to_world(ef.fine_affine, np.clip(fine_ijk, 0, np.asarray(ef.fine_shape) - 1))
+    matched, scores = Matcher(sam_embed_dir).match(case_id, case_id, pts)
+    err = np.abs(matched - pts).max(1)
+    # the match is never worse than the point itself (similarity 1); a 3-step network still has
+    # look-alike voxels in flat tissue, so only most points must come back exactly
+    assert scores.min() > 0.99, scores
+    assert np.median(err) == 0 and np.mean(err <= FINE_MM) >= 0.6, err
+
+
+def test_lps_and_ras_storage_give_the_same_matches(phantom_dir, phantom_cache, sam_checkpoint,
+                                                   sam_embed_dir, tmp_path):
+    """Case 1 is stored LPS; a RAS copy through the real preprocess path must embed to the same
+    world grid, and a query matched into either version lands on the same world mm."""
+    from alice_ds.data.preprocess import preprocess_dataset
+
+    lps_path = phantom_dir / "imagesTr" / "Case_00001_0000.nii.gz"
+    img = nib.load(lps_path)
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+    data = tmp_path / "data"
+    (data / "imagesTr").mkdir(parents=True)
+    shutil.copy(lps_path, data / "imagesTr" / "Lps_00001_0000.nii.gz")
+    nib.save(nib.as_closest_canonical(img), data / "imagesTr" / "Ras_00001_0000.nii.gz")
+    datalist = tmp_path / "list.json"
+    datalist.write_text(json.dumps({"training": [{"image": "imagesTr/Lps_00001_0000.nii.gz"},
+                                                 {"image": "imagesTr/Ras_00001_0000.nii.gz"}]}))
+    cache_spacing = open_case(phantom_cache, "Case_00001_0000").spacing
+    preprocess_dataset(data, datalist, tmp_path / "cache", spacing=cache_spacing, show=False)
+    emb = tmp_path / "emb"
+    assert main(["embed", "--cache_dir", str(tmp_path / "cache"), "--sam_checkpoint",
+                 str(sam_checkpoint), "--embed_dir", str(emb)]) == 0
+    shutil.copy(embedding_path(sam_embed_dir, "Case_00002_0000"), emb)
+    lps, ras = open_embedding(emb, "Lps_00001_0000"), open_embedding(emb, "Ras_00001_0000")
+    np.testing.assert_allclose(lps.fine_affine, ras.fine_affine, atol=1e-4)
+    marks = load_landmarks(phantom_dir / "landmarks")
+    query = np.array(list(marks["Case_00002"].values()))
+    matcher = Matcher(emb)
+    m_lps, s_lps = matcher.match("Case_00002_0000", "Lps_00001_0000", query)
+    m_ras, s_ras = matcher.match("Case_00002_0000", "Ras_00001_0000", query)
+    np.testing.assert_allclose(m_lps, m_ras, atol=1e-4)
+    np.testing.assert_allclose(s_lps, s_ras, atol=1e-3)
+    # same grid, same vectors: no axis of the LPS file was mirrored on the way
+    np.testing.assert_allclose(lps.fine().numpy(), ras.fine().numpy(), atol=2e-3)
+    # case 1's landmarks: LPS -> RAS gives what RAS -> RAS gives
+    own = np.array(list(marks["Case_00001"].values()))
+    across, _ = matcher.match("Lps_00001_0000", "Ras_00001_0000", own)
+    itself, _ = matcher.match("Ras_00001_0000", "Ras_00001_0000", own)
+    np.testing.assert_allclose(across, itself, atol=1e-4)
+
+
+def test_match_cli_json_and_errors(sam_embed_dir, capsys, tmp_path):
+    args = ["match", "--embed_dir", str(sam_embed_dir), "--query", "Case_00002_0000",
+            "--key", "Case_00004_0000", "--point", "10", "-20", "30", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    matched, scores = Matcher(sam_embed_dir).match("Case_00002_0000", "Case_00004_0000", [[10, -20, 30]])
+    np.testing.assert_allclose(out["matched_mm"], matched[0], atol=1e-3)
+    assert out["score"] == pytest.approx(float(scores[0]), abs=1e-4)
+    # a missing case and a corrupt file: exit 2, one line naming the file, no traceback
+    broken = tmp_path / "emb"
+    shutil.copytree(sam_embed_dir, broken)
+    f = embedding_path(broken, "Case_00004_0000")
+    f.write_bytes(f.read_bytes()[:1000])
+    for key, name in (("Case_00009_0000", "Case_00009_0000.safetensors"),
+                      ("Case_00004_0000", "Case_00004_0000.safetensors")):
+        proc = subprocess.run([sys.executable, "-m", "alice_ds.cli", "match", "--embed_dir", str(broken),
+                               "--query", "Case_00002_0000", "--key", key, "--point", "0", "0", "0"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert name in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sam_eval_cli_matches_direct_computation(phantom_dir, sam_embed_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["sam-eval", "--embed_dir", str(sam_embed_dir), "--landmarks",
+                 str(phantom_dir / "landmarks"), "--json", str(out), "--window", str(EVAL_WINDOW)]) == 0
+    doc = json.loads(out.read_text())
+    marks = load_landmarks(phantom_dir / "landmarks")
+    cases = list_embeddings(sam_embed_dir)
+    assert doc["pairs"] == len(cases) * (len(cases) - 1)
+    matcher, errors, per = Matcher(sam_embed_dir, window=EVAL_WINDOW), [], {}
+    for q in cases:
+        for k in cases:
+            if q == k:
+                continue
+            lq, lk = marks[q[:-5]], marks[k[:-5]]
+            names = sorted(set(lq) & set(lk))
+            matched, _ = matcher.match(q, k, [lq[n] for n in names])
+            for n, e in zip(names, np.linalg.norm(matched - np.array([lk[n] for n in names]), axis=1)):
+                errors.append(e)
+                per.setdefault(n, []).append(e)
+    assert doc["n"] == len(errors)
+    assert doc["median_mm"] == pytest.approx(np.median(errors), rel=1e-6)
+    assert doc["mean_mm"] == pytest.approx(np.mean(errors), rel=1e-6)
+    assert doc["within_10mm"] == pytest.approx(np.mean(np.array(errors) <= 10), abs=1e-9)
+    name = sorted(per)[0]
+    assert doc["per_landmark"][name]["median_mm"] == pytest.approx(np.median(per[name]), rel=1e-6)
+    # N random pairs, and a bad --pairs value as a one-line user error
+    sub = evaluate(sam_embed_dir, marks, pairs="3", seed=1, window=EVAL_WINDOW)
+    assert sub["pairs"] == 3
+    assert main(["sam-eval", "--embed_dir", str(sam_embed_dir), "--landmarks",
+                 str(phantom_dir / "landmarks"), "--pairs", "some"]) == 2
+
+
+def test_missing_embedding_dir_is_a_user_error(phantom_dir, tmp_path, capsys):
+    assert main(["sam-eval", "--embed_dir", str(tmp_path / "nowhere"), "--landmarks",
+                 str(phantom_dir / "landmarks")]) == 2
+    assert "nowhere" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""SAM training pieces on real phantom cases: view geometry and positive pairs, the losses, and the
+`alice-ds sam-train` CLI (checkpoints, exact resume, user errors)."""
+
+import json
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from alice_ds.cli import main
+from alice_ds.data.cache import list_cases, open_case
+from alice_ds.sam.crops import View, body_voxels, positive_pairs, resample, view_affine, view_pair
+from alice_ds.sam.geometry import index_to_world, sample_channels_first
+from alice_ds.sam.loss import sam_loss
+from alice_ds.sam.network import SAMNet, scale_hu
+
+ROI = 32
+WIDTH = 0.125
+
+
+def test_positive_pairs_of_two_scales_are_the_same_world_point(phantom_cache):
+    case = open_case(phantom_cache, list_cases(phantom_cache)[0])
+    rng = np.random.default_rng(0)
+    centre = index_to_world(case.affine, body_voxels(case.array)[[len(body_voxels(case.array)) // 2]])[0]
+    views = []
+    for scale, shift in ((0.8, [0.0, 0.0, 0.0]), (1.2, [9.0, -7.0, 5.0])):
+        aff = view_affine(case.affine, centre + shift, ROI, 2.0 * scale)
+        views.append(View(resample(case.array, case.affine, aff, (ROI,) * 3), aff))
+    v1, v2 = views
+    fine_shape = (ROI // 2,) * 3
+    ijk1, ijk2 = positive_pairs(v1, v2, fine_shape, 100, rng)
+    assert len(ijk1) == 100
+    w1 = index_to_world(v1.fine_affine, ijk1)
+    w2 = index_to_world(v2.fine_affine, ijk2)
+    np.testing.assert_allclose(w1, w2, atol=1e-6)
+    assert np.all((ijk2 >= 0) & (ijk2 <= np.array(fine_shape) - 1))
+    # the images agree there: HU of view 1 at its voxels vs HU of view 2 interpolated at the pair
+    hu1 = v1.hu[tuple(torch.from_numpy(ijk1 * 2).T)].numpy()
+    hu2 = sample_channels_first(v2.hu[None, None], torch.from_numpy(ijk2 * 2.0)[None].float())[0, :, 0]
+    diff = np.abs(hu1 - hu2.numpy())
+    shuffled = np.abs(hu1 - rng.permutation(hu2.numpy()))
+    assert np.median(diff) < 15.0, np.median(diff)
+    assert np.median(shuffled) > 3 * np.median(diff) + 10
+
+
+def test_view_pair_scales_and_overlap(phantom_cache):
+    case = open_case(phantom_cache, list_cases(phantom_cache)[1])
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        v1, v2 = view_pair(case.array, case.affine, ROI, rng)
+        for v in (v1, v2):
+            assert v.hu.shape == (ROI,) * 3
+            spacing = np.diag(v.affine)[:3]
+            assert np.all((spacing >= 1.6 - 1e-9) & (spacing <= 2.4 + 1e-9)) and np.ptp(spacing) < 1e-9
+        assert len(positive_pairs(v1, v2, (ROI // 2,) * 3, 100, rng)[0]) > 0
+
+
+def test_loss_decreases_on_phantoms(phantom_cache):
+    """A few AdamW steps on fixed view pairs of two phantom cases lower fine and coarse InfoNCE."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    cases = [open_case(phantom_cache, c) for c in list_cases(phantom_cache)[:2]]
+    pairs = [view_pair(c.array, c.affine, ROI, rng) for c in cases]
+    x = torch.stack([scale_hu(v.hu) for p in pairs for v in p])[:, None]
+    model = SAMNet(width=WIDTH)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(8):
+        losses = sam_loss(*model(x), pairs, np.random.default_rng(1))
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    assert history[-1]["loss"] < 0.8 * history[0]["loss"], history
+    assert history[-1]["fine"] < history[0]["fine"] and history[-1]["coarse"] < history[0]["coarse"]
+
+
+def test_sam_train_cli_checkpoints_and_exact_resume(phantom_cache, sam_checkpoint, tmp_path):
+    """The session fixture trained 3 steps with a checkpoint per step; resuming from step 1 in a
+    copy reproduces the step-3 weights exactly."""
+    import shutil
+
+    src = sam_checkpoint.parent
+    log = [json.loads(line) for line in (src / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert (src / "checkpoints" / "latest").read_text() == "step_3"
+    out = tmp_path / "resumed"
+    shutil.copytree(src / "checkpoints" / "step_1", out / "checkpoints" / "step_1")
+    (out / "checkpoints" / "latest").write_text("step_1")
+    cfg = json.loads((src / "checkpoints" / "step_1" / "state.json").read_text())["settings"]
+    assert main(["sam-train", "--cache_dir", str(phantom_cache), "--output_dir", str(out),
+                 "--steps", str(cfg["steps"]), "--save_every", "1", "--batch_size", str(cfg["batch_size"]),
+                 "--roi", str(cfg["roi"]), "--width", str(cfg["width"]), "--spacing", str(cfg["spacing"]),
+                 "--resume"]) == 0
+    want, got = load_file(str(sam_checkpoint)), load_file(str(out / "sam.safetensors"))
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    resumed_log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed_log] == [2, 3]
+    assert resumed_log[-1]["loss"] == log[-1]["loss"]
+
+
+def test_sam_train_user_errors(phantom_cache, tmp_path, capsys):
+    base = ["sam-train", "--cache_dir", str(phantom_cache), "--output_dir", str(tmp_path / "o")]
+    assert main(base + ["--roi", "40"]) == 2
+    assert "--roi" in capsys.readouterr().err
+    datalist = tmp_path / "list.json"
+    datalist.write_text(json.dumps({"training": [{"image": "imagesTr/Nope_00001_0000.nii.gz"}]}))
+    assert main(base + ["--json_list", str(datalist)]) == 2
+    assert "Nope_00001_0000" in capsys.readouterr().err
+    assert main(base + ["--resume"]) == 2
+    assert "latest" in capsys.readouterr().err
