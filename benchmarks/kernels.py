@@ -191,17 +191,18 @@ def build_cases(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", metavar="OUT", help="also write the rows as a JSON list to OUT")
     ap.add_argument("--quick", action="store_true",
-                    help="small sizes (N·K ≤ 32M, B=2 volumes) for a fast smoke run")
+                    help="small sizes (N·K up to 4096·8192, B=2 volumes) for a fast smoke run")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None,
                     help="where to run (default: cuda when available, else cpu)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="input dtype of logits and volumes (losses accumulate in fp32 either way)")
     ap.add_argument("--repeats", type=int, default=5,
-                    help="timed fwd+bwd steps per case after one warm-up/memory step (median reported)")
+                    help="timed fwd+bwd steps per case, after a warm-up step and the memory step "
+                         "(median reported)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads per case (0: torch's default). On a shared, oversubscribed "
                          "machine 1 gives steadier timings")
