@@ -4,7 +4,9 @@
 
 Centered cross-entropy at (N, K) in {(4096, 512), (65536, 8192), (16384, 65536)} and the masked
 reconstruction MSE at B=8, 96³ (mask ratio 0.75 on 2-voxel blocks). On CUDA: Triton vs eager, with
-achieved GB/s. Elsewhere: the chunked PyTorch path vs the reference; a case whose reference would not
+achieved GB/s (bytes the fused path must move: CE 7·N·K·itemsize for two sweeps over s and t, the
+gradient write and the in-place backward scale; MSE 5·voxels·itemsize + mask) and, for known devices,
+the fraction of the datasheet memory bandwidth. Elsewhere: the chunked PyTorch path vs the reference; a case whose reference would not
 fit in `--max-mem-gib` is run with N halved until it fits (the row says which N ran).
 
 Peak memory is measured per case in a fresh subprocess, as the extra memory above what the inputs
@@ -35,6 +37,10 @@ RECON_B, RECON_SIDE = 8, 96
 QUICK_RECON_B = 2
 MASK_BLOCK, MASK_RATIO = 2, 0.75
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
+DATASHEET_GB_S = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
+                  "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555,
+                  "A100 80GB PCIe": 1935}
+"""Memory bandwidth from NVIDIA datasheets, keyed by a substring of `torch.cuda.get_device_name()`."""
 REF_CE_FP32_COPIES = 7
 """Upper estimate of the [N, K] fp32 tensors the reference CE holds at its peak (inputs included),
 used only to shrink N on CPU so the case fits in --max-mem-gib; the measured peak is reported."""
@@ -244,6 +250,9 @@ def main(argv=None) -> int:
                 raise SystemExit(f"case {case} failed with exit code {proc.returncode}")
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             row.update(device_name=device_name, torch=torch.__version__, triton=triton.__version__)
+            peak_bw = next((v for key, v in DATASHEET_GB_S.items() if key in device_name), None)
+            if "GB_s" in row and peak_bw:
+                row["bandwidth_fraction"] = round(row["GB_s"] / peak_bw, 3)
             rows.append(row)
             bar.advance(task)
 
