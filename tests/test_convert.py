@@ -72,8 +72,9 @@ def _deepspeed_copy(tag: Path, stage: int, which: str, world: int = 2) -> dict[s
     partitions in `param_shapes` order (ZeRO-3 student)."""
     prefix = f"{which}.backbone."
     if stage < 3:
-        module = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=True, mmap=True)["module"]
-        return {k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)}
+        states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=True, mmap=True)
+        return {k[len(prefix):]: v for k, v in states["module"].items()
+                if k.startswith(prefix) and k not in states["buffer_names"]}
     models = [torch.load(tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", weights_only=True, mmap=True)
               for r in range(world)]
     if which == "teacher":
