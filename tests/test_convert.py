@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,6 +157,78 @@ def test_monai_forward_equals_backbone_recon(ds_run, tmp_path):
         got = monai(x)
     assert expected.std() > 0.01  # a real output, not a constant
     torch.testing.assert_close(got, expected, atol=RECON_ATOL, rtol=0)
+
+
+ZERO0_SCRIPT = """
+import copy, sys
+from pathlib import Path
+import deepspeed, torch
+from safetensors.torch import save_file
+from torch import nn
+from alice_ds.engine import checkpoint
+from alice_ds.engine.ema import TeacherEMA
+from alice_ds.models import SwinBackbone
+
+class Branch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = SwinBackbone(12, seed=1)
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.student = Branch()
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+
+    def forward(self, x):
+        return (self.student.backbone(x).recon - x).pow(2).mean()
+
+out = Path(sys.argv[1])
+deepspeed.init_distributed(dist_backend="gloo")
+module = Pair()
+optimizer = torch.optim.AdamW(module.student.parameters(), lr=1e-2)
+config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0},
+          "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+ema = TeacherEMA(module)
+engine.backward(engine(torch.rand(1, 1, 64, 64, 64)))
+engine.step()
+ema.update(0.5)
+checkpoint.save(engine, module, ema, out / "checkpoints", "step_1", 1,
+                {"model": {"feature_size": 12, "use_v2": False}, "data": {"roi": 64}}, 0, {}, {}, 0)
+ref = {f"{w}.{k}": v.detach().clone() for w in ("student", "teacher")
+       for k, v in getattr(module, w).backbone.named_parameters()}
+save_file(ref, str(out / "reference.safetensors"))
+"""
+"""ZeRO-0 (no ZeRO optimizer, fp32 parameters under torch_autocast): one process, one step, saved by
+the trainer's own `checkpoint.save`; the shared runs cover ZeRO 1-3."""
+
+
+def test_zero0_single_process(tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    proc = subprocess.run([sys.executable, "-c", ZERO0_SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = load_file(tmp_path / "reference.safetensors")
+    for which in ("teacher", "student"):
+        out = tmp_path / f"{which}.safetensors"
+        convert(tmp_path, out, which=which)
+        got = load_file(out)
+        assert len(got) == NUM_PARAMS + 8
+        for name, t in got.items():
+            if f"{which}.{name}" in ref:
+                assert torch.equal(t, ref[f"{which}.{name}"]), f"ZeRO-0 {which}: {name}"
+    key = "swinViT.layers1.0.blocks.0.attn.qkv.weight"
+    assert (ref[f"teacher.{key}"] - ref[f"student.{key}"]).abs().max() > 1e-4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class _Recorder(dict):

@@ -282,10 +282,36 @@ def _model_state_record(path: Path):
         ds_version=states.get("ds_version"), frozen_param_shapes=None, frozen_param_fragments=None)
 
 
+class PlainStudentSource(BackboneSource):
+    """ZeRO-0 without a ZeRO/bf16 optimizer (`torch_autocast` or fp32 runs): DeepSpeed keeps no
+    partitioned fp32 masters; the module's own fp32 parameters in `mp_rank_00_model_states.pt` are
+    the master weights. bf16 parameters are refused: their fp32 masters are not in the file."""
+
+    PREFIX = "student.backbone."
+
+    def __init__(self, ref: CheckpointRef):
+        path = _model_states_file(ref)
+        check_deepspeed_file(path)
+        module = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["module"]
+        self.state = {k[len(self.PREFIX):]: v for k, v in module.items() if k.startswith(self.PREFIX)}
+        low = [k for k, v in self.state.items() if v.is_floating_point() and v.dtype != torch.float32]
+        if low:
+            raise DataError(path, f"student parameters are {self.state[low[0]].dtype} and the checkpoint "
+                                  "holds no fp32 master weights for them")
+
+    def names(self) -> list[str]:
+        return list(self.state)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
 def open_backbone(ref: CheckpointRef, which: str) -> BackboneSource:
     """`which` = "teacher" | "student"."""
     if which == "teacher":
         return TeacherSource(ref)
     if which == "student":
+        if ref.zero_stage == 0 and not any(ref.tag_dir.glob("*_optim_states.pt")):
+            return PlainStudentSource(ref)
         return StudentSource(ref)
     raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
