@@ -362,3 +362,31 @@ def test_mixed_dtypes_bf16_student_fp32_teacher(small_chunks):
     ref.backward()
     torch.testing.assert_close(loss, ref.detach(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(p.grad.float(), ref_p.grad, atol=1e-4, rtol=8e-3)
+
+
+def test_no_grad_call_allocates_no_gradient():
+    """Under torch.no_grad (validation) neither loss builds its full-size gradient: the largest
+    single allocation the profiler sees stays below one [N, K] / volume-sized fp32 tensor."""
+    from torch.profiler import ProfilerActivity, profile
+    n, k = 256, 4096
+    s = torch.randn(n, k, requires_grad=True)
+    t = torch.randn(n, k)
+    p = torch.rand(1, 1, 64, 64, 64, requires_grad=True)
+    target = p.detach() * 0.5
+
+    def largest_alloc(fn):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        return max(e.cpu_memory_usage for e in prof.events())
+
+    def ce():
+        return centered_cross_entropy(s, t, torch.zeros(k), STUDENT_TEMP, TEACHER_TEMP)
+
+    def mse():
+        return masked_mse(p, target, None, 2)
+
+    with torch.no_grad():
+        no_grad_ce, no_grad_mse = largest_alloc(ce), largest_alloc(mse)
+        assert ce().allclose(reference.centered_cross_entropy(s, t, torch.zeros(k), 0.1, 0.04))
+    assert no_grad_ce < n * k * 4 <= largest_alloc(ce)
+    assert no_grad_mse < p.numel() * 4 <= largest_alloc(mse)

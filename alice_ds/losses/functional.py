@@ -80,18 +80,21 @@ def _scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
         grad[r0:r0 + rows].mul_(scale[r0:r0 + rows, None])
 
 
+def _centered_ce_forward(impl, student, teacher, center, student_temp, teacher_temp, need_grad,
+                         teacher_sum):
+    if impl == "triton":
+        from alice_ds.kernels import centered_ce_forward
+        return centered_ce_forward(student, teacher, center, student_temp, teacher_temp, need_grad,
+                                   teacher_sum)
+    return _chunked_centered_ce(student, teacher, center, student_temp, teacher_temp, need_grad,
+                                teacher_sum)
+
+
 class _CenteredCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, center, student_temp, teacher_temp, impl, teacher_sum):
-        need_grad = ctx.needs_input_grad[0]
-        if impl == "triton":
-            from alice_ds.kernels import centered_ce_forward
-            loss, grad = centered_ce_forward(student, teacher, center, student_temp, teacher_temp,
-                                             need_grad, teacher_sum)
-        else:
-            loss, grad = _chunked_centered_ce(student, teacher, center, student_temp, teacher_temp,
-                                              need_grad, teacher_sum)
-        ctx.grad = grad
+        loss, ctx.grad = _centered_ce_forward(impl, student, teacher, center, student_temp,
+                                              teacher_temp, True, teacher_sum)
         return loss
 
     @staticmethod
@@ -130,6 +133,11 @@ def centered_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, center:
         raise ValueError(f"teacher_sum must be a contiguous fp32 [{student.shape[1]}] tensor, got "
                          f"{teacher_sum.dtype} {tuple(teacher_sum.shape)}")
     impl = _pick_impl(impl, student)
+    if not (torch.is_grad_enabled() and student.requires_grad):
+        # no graph: skip the [N, K] gradient (autograd.Function would still report needs_input_grad
+        # under torch.no_grad())
+        return _centered_ce_forward(impl, student.detach(), teacher.detach(), center, student_temp,
+                                    teacher_temp, False, teacher_sum)[0]
     return _CenteredCrossEntropy.apply(student, teacher.detach(), center.detach(),
                                        float(student_temp), float(teacher_temp), impl, teacher_sum)
 
@@ -176,18 +184,22 @@ def _chunked_masked_mse(pred, target, mask, block, need_grad):
     return sse, count, grad
 
 
+def _masked_mse_forward(impl, pred, target, mask, block, need_grad):
+    """(loss fp32 scalar, unnormalised gradient or None, 1/count)."""
+    if impl == "triton":
+        from alice_ds.kernels import masked_mse_forward
+        sse, count, grad = masked_mse_forward(pred, target, mask, block, need_grad)
+    else:
+        sse, count, grad = _chunked_masked_mse(pred, target, mask, block, need_grad)
+    inv_count = 1.0 / count.clamp_min(1.0)  # nothing masked -> loss 0, gradient 0
+    return (sse * inv_count).float(), grad, inv_count
+
+
 class _MaskedMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, target, mask, block, impl):
-        need_grad = ctx.needs_input_grad[0]
-        if impl == "triton":
-            from alice_ds.kernels import masked_mse_forward
-            sse, count, grad = masked_mse_forward(pred, target, mask, block, need_grad)
-        else:
-            sse, count, grad = _chunked_masked_mse(pred, target, mask, block, need_grad)
-        inv_count = 1.0 / count.clamp_min(1.0)  # nothing masked -> loss 0, gradient 0
-        ctx.grad, ctx.inv_count = grad, inv_count
-        return (sse * inv_count).float()
+        loss, ctx.grad, ctx.inv_count = _masked_mse_forward(impl, pred, target, mask, block, True)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -211,4 +223,6 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
         raise ValueError(f"pred and target shapes differ: {list(pred.shape)} vs {list(target.shape)}")
     mask = _check_mask(pred, mask, block)
     impl = _pick_impl(impl, pred)
+    if not (torch.is_grad_enabled() and pred.requires_grad):
+        return _masked_mse_forward(impl, pred.detach(), target.detach(), mask, int(block), False)[0]
     return _MaskedMSE.apply(pred, target.detach(), mask, int(block), impl)
