@@ -44,6 +44,8 @@ WINDOW_SIZE = (7, 7, 7)
 MLP_RATIO = 4.0
 INIT_STD = 0.02
 """Truncated-normal std of the relative position tables (MONAI) and of the mask token (SimMIM)."""
+RECON_CHANNELS = 1
+"""The output reconstructs the (single-channel) CT crop."""
 NORM_NAME = "instance"
 """Normalisation of the convolutional encoder/decoder blocks (MONAI's default)."""
 
@@ -61,7 +63,7 @@ class BackboneOutput(NamedTuple):
     dec_tokens: torch.Tensor
     """[B, L8, 4F] stride-8 decoder stage (output of MONAI `decoder4`), tokens in C order."""
     recon: torch.Tensor
-    """[B, out_channels, X, Y, Z] the network output (what MONAI `SwinUNETR.forward` returns)."""
+    """[B, 1, X, Y, Z] the network output (what MONAI `SwinUNETR.forward` returns)."""
 
 
 class WindowAttention(nn.Module):
@@ -237,7 +239,7 @@ class SwinBackbone(nn.Module):
     """
 
     def __init__(self, feature_size: int, in_channels: int = 1, use_v2: bool = False,
-                 checkpoint_activations: bool = False, out_channels: int = 1, seed: int | None = None) -> None:
+                 checkpoint_activations: bool = False, seed: int | None = None) -> None:
         super().__init__()
         if feature_size <= 0 or feature_size % 12:
             raise ValueError(f"feature_size must be a positive multiple of 12 (MONAI SwinUNETR), got {feature_size}")
@@ -248,9 +250,9 @@ class SwinBackbone(nn.Module):
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            self._build(feature_size, in_channels, out_channels)
+            self._build(feature_size, in_channels)
 
-    def _build(self, fs: int, in_channels: int, out_channels: int) -> None:
+    def _build(self, fs: int, in_channels: int) -> None:
         self.swinViT = SwinViT(in_channels, fs, self.use_v2, self.checkpoint_activations)
 
         def up(cin: int, cout: int) -> UnetrUpBlock:
@@ -268,7 +270,7 @@ class SwinBackbone(nn.Module):
         self.decoder3 = up(4 * fs, 2 * fs)
         self.decoder2 = up(2 * fs, fs)
         self.decoder1 = up(fs, fs)
-        self.out = UnetOutBlock(spatial_dims=3, in_channels=fs, out_channels=out_channels)
+        self.out = UnetOutBlock(spatial_dims=3, in_channels=fs, out_channels=RECON_CHANNELS)
         self.mask_token = nn.Parameter(torch.zeros(fs))  # [F]: 1-D, so optimizers group it with norms (no decay)
         trunc_normal_(self.mask_token, std=INIT_STD)
 
