@@ -44,6 +44,8 @@ WINDOW_SIZE = (7, 7, 7)
 MLP_RATIO = 4.0
 INIT_STD = 0.02
 """Truncated-normal std of the relative position tables (MONAI) and of the mask token (SimMIM)."""
+MASKED_VOXEL_VALUE = 0.0
+"""What the full-resolution conv skip sees at masked voxels (the bottom of the [0, 1] HU window)."""
 RECON_CHANNELS = 1
 """The output reconstructs the (single-channel) CT crop."""
 NORM_NAME = "instance"
@@ -231,7 +233,7 @@ class SwinBackbone(nn.Module):
 
     `mask` is `[B, X/2, Y/2, Z/2]` on the patch grid, bool or 0/1, `1 = masked`. Masked patches enter
     the Swin encoder as the learned `mask_token` (SimMIM); the full-resolution convolutional skip
-    (`encoder1`) sees the masked voxels as 0, otherwise the reconstruction could copy them through
+    (`encoder1`) sees the masked voxels as `MASKED_VOXEL_VALUE`, otherwise the reconstruction could copy them through
     the skip. An all-zero mask gives exactly the `mask=None` result.
 
     `seed`: when given, parameters are initialised from this seed without touching the global RNG,
@@ -302,7 +304,7 @@ class SwinBackbone(nn.Module):
             voxel_mask = patch_mask
             for axis in (2, 3, 4):
                 voxel_mask = voxel_mask.repeat_interleave(PATCH_SIZE, dim=axis)  # -> [B, 1, X, Y, Z]
-            x_skip = torch.where(voxel_mask, torch.zeros((), dtype=x.dtype, device=x.device), x)
+            x_skip = torch.where(voxel_mask, torch.full((), MASKED_VOXEL_VALUE, dtype=x.dtype, device=x.device), x)
         hidden = self.swinViT(x, self.mask_token, patch_mask)
         enc0 = self._call(self.encoder1, x_skip)
         enc1 = self._call(self.encoder2, hidden[0])
