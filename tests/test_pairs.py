@@ -346,3 +346,14 @@ def test_intra_pairs_are_two_augmentations_of_one_crop(cohort):
     assert both.sum() > 1000
     # independent noise fields of sigma 0.1 in each view: the difference has sigma 0.1 * sqrt(2)
     assert abs(float((q - a)[both].std()) - 0.1 * np.sqrt(2)) < 0.02
+
+
+def test_state_from_another_world_size_restarts_its_epoch(cohort):
+    ds = _dataset(cohort, embed=False)
+    state = dict(ds.state_dict(), epoch=3, position=4, world_size=2)
+    ds.load_state_dict(state)
+    assert (ds.state_dict()["epoch"], ds.state_dict()["position"]) == (3, 0)
+    ds.load_state_dict(dict(state, world_size=1, position=2))
+    assert next(iter(ds))["index"] == 3 * 5 + 2
+    with pytest.raises(ValueError, match="position must be in \\[0, 5\\), got 7"):
+        ds.load_state_dict(dict(state, world_size=1, position=7))
