@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from alice_ds import load_pretrained
 from alice_ds.cli import main as cli_main
 from alice_ds.errors import DataError, UserError
-from alice_ds.export import convert, from_load_from_key, to_load_from_key
+from alice_ds.export import convert, from_load_from_key, to_load_from_key, verify
 
 STAGES = (1, 2, 3)
 FEATURE_SIZE = 12  # the `tiny` preset of the shared runs
@@ -249,7 +249,7 @@ def test_load_from_layout_is_what_monai_load_from_reads(ds_run, tmp_path):
     enc = tmp_path / "W_enc.safetensors"
     pt = tmp_path / "model_swinvit.pt"
     convert(run, full)
-    convert(run, enc, fmt="monai-load-from")
+    enc_result = convert(run, enc, fmt="monai-load-from")
     convert(run, pt, fmt="monai-load-from")
     weights = load_file(full)
     enc_sd = _Recorder(load_file(enc))
@@ -266,6 +266,10 @@ def test_load_from_layout_is_what_monai_load_from_reads(ds_run, tmp_path):
     assert set(obj["state_dict"]) == set(enc_sd)
     assert all(torch.equal(obj["state_dict"][k], dict.__getitem__(enc_sd, k)) for k in enc_sd)
     assert to_load_from_key("swinViT.layers2.0.blocks.1.mlp.linear2.bias") == "module.layers2.0.blocks.1.mlp.fc2.bias"
+    # --verify on this layout goes through SwinUNETR.load_from itself
+    rows = dict(verify(enc_result, out_channels=3))
+    assert rows["tensors loaded / in file"].startswith(f"{len(enc_sd)} / {len(enc_sd)}")
+    assert rows["forward"].startswith("[1, 1, 64, 64, 64] -> [1, 3, 64, 64, 64]")
     # load_pretrained reads the encoder-only layout too and says what stays random
     fresh = _monai(out_channels=3)
     report = load_pretrained(fresh, enc)

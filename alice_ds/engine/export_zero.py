@@ -40,9 +40,8 @@ TEACHER_SHARD = "teacher_fp32_rank{rank}.safetensors"
 DEEPSPEED_PICKLE_GLOBALS = frozenset({
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # fp16 runs
     "deepspeed.utils.tensor_fragment.fragment_address",
-    "deepspeed.checkpoint.constants.ZeroStageEnum",
 })
 
 
