@@ -53,21 +53,25 @@ def _student(out, tag):
 
 
 def _rel(a: dict, b: dict) -> float:
-    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in b)
-    den = sum(float(b[k].double().pow(2).sum()) for k in b)
+    num = sum(float((a[k].detach().double() - b[k].detach().double()).pow(2).sum()) for k in b)
+    den = sum(float(b[k].detach().double().pow(2).sum()) for k in b)
     return math.sqrt(num / den)
 
 
 def _check_ema(out):
     """Teacher after step 3 == m3 * (m2 * T1 + (1 - m2) * S2) + (1 - m3) * S3 with the student's fp32
-    masters S_k saved each step and the logged momenta m_k (relative error <= 1e-6)."""
-    mom = {m["step"]: m["momentum"] for m in _metrics(out)}
+    masters S_k saved each step and the logged momenta m_k (relative error <= 1e-6); a step whose
+    update DeepSpeed skipped (non-finite gradients) leaves the teacher as it was."""
+    metrics = {m["step"]: m for m in _metrics(out)}
     ref = _teacher(out, "step_1")
     t1 = {k: v.clone() for k, v in ref.items()}
     for step in (2, 3):
-        s = _student(out, f"step_{step}")
-        assert s.keys() == ref.keys()
-        ref = {k: mom[step] * ref[k].double() + (1 - mom[step]) * s[k].double() for k in ref}
+        if metrics[step]["optimizer_skipped"]:  # DeepSpeed skipped the update: no EMA either
+            continue
+        m = metrics[step]["momentum"]
+        s = _student(out, f"step_{step}")  # parameters and buffers; the teacher file holds parameters
+        assert set(ref) <= set(s)
+        ref = {k: m * ref[k].double() + (1 - m) * s[k].double() for k in ref}
     got = _teacher(out, "step_3")
     moved = _rel(t1, ref)
     assert moved > 100 * EMA_RTOL, f"teacher moved only {moved:.2e}: the test could not tell"
@@ -124,11 +128,13 @@ def test_zero3_overfit_ema_and_checkpoint_layout(ds_run):
         assert (ck / "step_3" / f"state_rank{r}.safetensors").is_file()
     assert json.loads((out / "config.json").read_text())["run"]["num_steps"] == 3
     assert list((out / "monitor").rglob("*.csv")), "DeepSpeed CSV monitor wrote nothing"
-    # last layers are frozen during step 1 (lr 0 on their partitioned group): teacher == student there
+    # last layers are frozen during step 1 (lr 0 on their partitioned group): the student kept its
+    # initial value there, so the teacher (EMA of init and student) equals it up to fp32 rounding,
+    # while every other weight moved by ~lr
     t1, s1 = _teacher(out, "step_1"), _student(out, "step_1")
     for name in ("head.last_layer.weight_v", "head.patch_last_layer.weight_v"):
-        torch.testing.assert_close(t1[name], s1[name], rtol=0, atol=0)
-    assert not torch.equal(t1["head.mlp.0.weight"], s1["head.mlp.0.weight"])
+        torch.testing.assert_close(t1[name], s1[name], rtol=1e-6, atol=1e-8)
+    assert (t1["head.mlp.0.weight"] - s1["head.mlp.0.weight"]).abs().max() > 1e-5
 
 
 def test_zero1_two_nodes_ema(ds_run):
@@ -170,7 +176,8 @@ def test_exact_resume_after_sigterm(ds_run, ds_launch, tmp_path):
     (out / "checkpoints" / "latest").write_text("step_1")
     (proc,) = ds_launch(out, 1, 3, ["--resume", "auto"], wait=False)
     _wait_for(out / "launch0.log", "resumed from", [proc])
-    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(c.cmdline())]
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
+             if any(a.startswith("--local_rank") for a in c.cmdline())]
     assert len(ranks) == 2
     for c in ranks:
         c.send_signal(signal.SIGTERM)
@@ -189,6 +196,6 @@ def test_exact_resume_after_sigterm(ds_run, ds_launch, tmp_path):
         assert x["lr"] == want[x["step"]]["lr"] and x["momentum"] == want[x["step"]]["momentum"]
     for fn in (_teacher, _student):
         a, b = fn(out, "step_3"), fn(ref, "step_3")
-        assert a.keys() == b.keys()
+        assert a.keys() == b.keys() and len(a) > 100
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=RESUME_ATOL)

@@ -86,6 +86,8 @@ class Trainer:
         self.best_val = float("inf")
         self.nonfinite_total = 0
         self._stop_signal: int | None = None
+        self._ds_skipped = 0  # DeepSpeed's count of optimizer steps it skipped (non-finite gradients)
+        self._skipped_in_row = 0
 
     # ---- setup ---------------------------------------------------------------------------------
     def _check_cache_spacing(self) -> None:
@@ -119,9 +121,10 @@ class Trainer:
                           persistent_workers=False)
 
     def _batches(self):
-        """Endless micro-batches; the first one forever with `overfit_one_batch`."""
+        """Endless micro-batches; with `overfit_one_batch` the stream's first batch forever (drawn
+        from a fresh stream, so a resumed run repeats the same batch)."""
         if self.cfg.data.overfit_one_batch:
-            first = next(iter(self.train_loader))
+            first = next(iter(self._loader("training", self.cfg.run.seed)))
             yield from repeat(first)
         while True:
             yield from self.train_loader
@@ -180,13 +183,29 @@ class Trainer:
             done += 1
             for k, x in zip(LOSS_KEYS + EXTRA_KEYS, reduced):
                 sums[k] += x / (self.world * cfg.grad_accum)
-        # teacher EMA, fp32, on this rank's shards
-        self.ema.update(v.momentum)
+        # DeepSpeed skips the optimizer update itself when the reduced gradients are not finite
+        # (every rank agrees); the student did not move, so neither does the teacher
+        optimizer_skipped = self.engine.skipped_steps > self._ds_skipped
+        self._ds_skipped = self.engine.skipped_steps
+        if optimizer_skipped:
+            self.nonfinite_total += 1
+            self._skipped_in_row += 1
+            if self.is_main:
+                warn(f"step {self.step + 1}: non-finite gradients, DeepSpeed skipped the update "
+                     f"({self._skipped_in_row} in a row)")
+            if self._skipped_in_row >= cfg.max_nonfinite:
+                raise TrainingError(f"{self._skipped_in_row} optimizer steps in a row with non-finite gradients "
+                                    f"at step {self.step + 1}: stopping (lower --lr or raise warmup_steps)")
+        else:
+            self._skipped_in_row = 0
+            # teacher EMA, fp32, on this rank's shards
+            self.ema.update(v.momentum)
         self.step += 1
         dt = time.perf_counter() - t0
         return {"step": self.step, **sums, "lr": v.lr, "weight_decay": v.weight_decay, "momentum": v.momentum,
                 "teacher_temp": float(out["teacher_temp"]), "skipped": skipped,
-                "step_time_s": dt, "samples_per_s": self.global_batch / dt}
+                "optimizer_skipped": optimizer_skipped, "step_time_s": dt,
+                "samples_per_s": self.global_batch / dt}
 
     # ---- validation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -221,6 +240,7 @@ class Trainer:
         self.train_loader.load_state_dict(rank_state["sampler"])
         self.best_val = float(rank_state["best_val"])
         self.nonfinite_total = int(rank_state["nonfinite_total"])
+        self._ds_skipped = self.engine.skipped_steps
         if self.is_main:
             console.print(f"resumed from {self.ckpt_root / tag} at step {self.step}")
 
