@@ -1,6 +1,7 @@
-"""Real 2-rank DeepSpeed pretraining on CPU (gloo, bf16 autocast, sanity checks on), tiny SwinUNETR
-(F=12, 64^3) on phantom data. The runs are shared through the `ds_run` fixture (tests/conftest.py):
-ZeRO-3 overfits one batch, ZeRO-2 validates and prunes, ZeRO-1 runs as two 'nodes'."""
+"""Real 2-rank DeepSpeed pretraining on CPU (gloo, sanity checks on), tiny SwinUNETR (F=12, 64^3) on
+phantom data. The runs are shared through the `ds_run` fixture (tests/conftest.py): ZeRO-3 (bf16
+autocast) overfits one batch, ZeRO-2 (bf16 autocast) validates and prunes, ZeRO-1 (fp32) runs as two
+'nodes' and is the exact-resume reference."""
 
 import json
 import math
@@ -97,7 +98,7 @@ def test_user_mistakes_exit_2_with_one_line(engine_inputs, phantom_cache, tmp_pa
     import runpy
 
     main = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "launch", "train.py"))["main"]
-    base = ["--config", str(engine_inputs / "tiny.yaml"), "--deepspeed_config", str(engine_inputs / "zero1.json"),
+    base = ["--config", str(engine_inputs / "tiny.yaml"), "--deepspeed_config", str(engine_inputs / "zero1_bf16.json"),
             "--json_list", str(engine_inputs / "datalist.json"), "--cache_dir", str(phantom_cache),
             "--output_dir", str(tmp_path)]
     assert main(base + ["--roi", "50"]) == 2
@@ -166,36 +167,35 @@ def _wait_for(path, text, procs, timeout=600):
 
 
 def test_exact_resume_after_sigterm(ds_run, ds_launch, tmp_path):
-    """Reference: 3 steps (ZeRO-1). Resume from its step_1, SIGTERM during step 2 (checkpoint + exit 0),
-    resume again for step 3: per-step losses, teacher and student equal the uninterrupted run."""
+    """Reference: the ZeRO-1 run (3 steps). Resume from its step_1 and send SIGTERM to both ranks
+    during step 2: they finish the step, checkpoint step_2 and exit 0. Step 2's losses, teacher and
+    student equal the uninterrupted run's (N steps + resume + N steps with N = 1)."""
     import psutil
 
     ref = ds_run(1)
     out = tmp_path / "resumed"
     shutil.copytree(ref / "checkpoints" / "step_1", out / "checkpoints" / "step_1")
     (out / "checkpoints" / "latest").write_text("step_1")
-    (proc,) = ds_launch(out, 1, 3, ["--resume", "auto"], wait=False)
+    (proc,) = ds_launch(out, "fp32", 3, ["--resume", "auto"], wait=False)
     _wait_for(out / "launch0.log", "resumed from", [proc])
     ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
              if any(a.startswith("--local_rank") for a in c.cmdline())]
     assert len(ranks) == 2
     for c in ranks:
         c.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=600) == 0, (out / "launch0.log").read_text()[-3000:]
-    assert (out / "checkpoints" / "latest").read_text() == "step_2"
+    assert proc.wait(timeout=900) == 0, (out / "launch0.log").read_text()[-3000:]
     assert "preemption signal" in (out / "launch0.log").read_text()
-    (proc,) = ds_launch(out, 1, 3, ["--resume", "auto"])
-    assert proc.returncode == 0, (out / "launch1.log").read_text()[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step_2"
 
     want = {x["step"]: x for x in _metrics(ref)}
     got = _metrics(out)
-    assert [x["step"] for x in got] == [2, 3]
-    for x in got:
-        for k in ("loss", "cls", "patch", "recon"):
-            assert abs(x[k] - want[x["step"]][k]) <= RESUME_ATOL, (x["step"], k, x[k], want[x["step"]][k])
-        assert x["lr"] == want[x["step"]]["lr"] and x["momentum"] == want[x["step"]]["momentum"]
+    assert [x["step"] for x in got] == [2]
+    for k in ("loss", "cls", "patch", "recon"):
+        assert abs(got[0][k] - want[2][k]) <= RESUME_ATOL, (k, got[0][k], want[2][k])
+    for k in ("lr", "momentum", "optimizer_skipped"):
+        assert got[0][k] == want[2][k], k
     for fn in (_teacher, _student):
-        a, b = fn(out, "step_3"), fn(ref, "step_3")
+        a, b = fn(out, "step_2"), fn(ref, "step_2")
         assert a.keys() == b.keys() and len(a) > 100
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=RESUME_ATOL)
