@@ -97,3 +97,16 @@ def test_ds_config_batch_fields_filled_and_checked(tmp_path):
     bad.write_text('{"bf16": {"enabled": true}}')
     with pytest.raises(UserError, match="torch_autocast"):
         C.resolve_ds_config(str(bad), cfg, 4, str(tmp_path))
+
+
+def test_only_engine_and_launch_import_deepspeed():
+    """Models, losses, data and the meta-architecture stay free of DeepSpeed (STYLE, DESIGN §6)."""
+    import re
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "alice_ds"
+    pattern = re.compile(r"^\s*(import deepspeed|from deepspeed)", re.M)
+    offenders = [str(p.relative_to(pkg)) for p in pkg.rglob("*.py")
+                 if p.parts[len(pkg.parts)] != "engine" and pattern.search(p.read_text())]
+    assert offenders == []
+    assert pattern.search((pkg / "engine" / "trainer.py").read_text())  # the check can see an import
