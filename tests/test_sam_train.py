@@ -16,6 +16,9 @@ from alice_ds.sam.network import SAMNet, scale_hu
 
 ROI = 32
 WIDTH = 0.125
+SPACING = 4.0
+"""Views of 32 voxels at 4 mm (as the conftest SAM fixtures): 128 mm of anatomy, cheap to run."""
+LOSS_STEPS = 5
 
 
 def test_positive_pairs_of_two_scales_are_the_same_world_point(phantom_cache):
@@ -60,30 +63,30 @@ def test_loss_decreases_on_phantoms(phantom_cache):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     cases = [open_case(phantom_cache, c) for c in list_cases(phantom_cache)[:2]]
-    pairs = [view_pair(c.array, c.affine, ROI, rng) for c in cases]
+    pairs = [view_pair(c.array, c.affine, ROI, rng, spacing_mm=SPACING) for c in cases]
     x = torch.stack([scale_hu(v.hu) for p in pairs for v in p])[:, None]
     model = SAMNet(width=WIDTH)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = []
-    for _ in range(8):
+    for _ in range(LOSS_STEPS):
         losses = sam_loss(*model(x), pairs, np.random.default_rng(1))
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()
         history.append({k: float(v.detach()) for k, v in losses.items()})
-    assert history[-1]["loss"] < 0.8 * history[0]["loss"], history
+    assert history[-1]["loss"] < 0.92 * history[0]["loss"], history
     assert history[-1]["fine"] < history[0]["fine"] and history[-1]["coarse"] < history[0]["coarse"]
 
 
 def test_sam_train_cli_checkpoints_and_exact_resume(phantom_cache, sam_checkpoint, tmp_path):
-    """The session fixture trained 3 steps with a checkpoint per step; resuming from step 1 in a
-    copy reproduces the step-3 weights exactly."""
+    """The session fixture trained 2 steps with a checkpoint per step; resuming from step 1 in a
+    copy reproduces the step-2 weights exactly."""
     import shutil
 
     src = sam_checkpoint.parent
     log = [json.loads(line) for line in (src / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3]
-    assert (src / "checkpoints" / "latest").read_text() == "step_3"
+    assert [r["step"] for r in log] == [1, 2]
+    assert (src / "checkpoints" / "latest").read_text() == "step_2"
     out = tmp_path / "resumed"
     shutil.copytree(src / "checkpoints" / "step_1", out / "checkpoints" / "step_1")
     (out / "checkpoints" / "latest").write_text("step_1")
@@ -97,7 +100,7 @@ def test_sam_train_cli_checkpoints_and_exact_resume(phantom_cache, sam_checkpoin
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
     resumed_log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in resumed_log] == [2, 3]
+    assert [r["step"] for r in resumed_log] == [2]
     assert resumed_log[-1]["loss"] == log[-1]["loss"]
 
 

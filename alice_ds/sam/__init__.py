@@ -1,1 +1,23 @@
+"""SAM anatomical embeddings (DESIGN §5): network, self-supervised training, embedding files,
+coarse-to-fine matching, landmark evaluation.
 
+The public names are imported lazily, so that CLI parsers that import this package (for the
+defaults below) do not pull in torch.
+"""
+
+DEFAULT_WINDOW = 20
+"""Fine-search window edge in fine voxels (4 mm each at stride 2 of the 2 mm grid): 80 mm, more than
+two coarse voxels (32 mm at coarse stride 16), so a coarse argmax one coarse voxel off is recovered."""
+
+_LAZY = {"SAMNet": "alice_ds.sam.network", "Matcher": "alice_ds.sam.matcher",
+         "open_embedding": "alice_ds.sam.io", "write_embedding": "alice_ds.sam.io"}
+
+__all__ = ["DEFAULT_WINDOW", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'alice_ds.sam' has no attribute {name!r}")

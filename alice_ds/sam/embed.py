@@ -1,8 +1,8 @@
 """`alice-ds embed`: SAM fine/coarse embeddings of every cached case, one safetensors file each.
 
-A case is resampled once to the SAM grid (2 mm unless the model was trained on another spacing) (reading the memory-mapped cache), then run through
-SAMNet in overlapping tiles of `--tile` voxels so activation memory is bounded whatever the volume
-size; each tile contributes only its interior (half the overlap is dropped at inner seams). Tiles
+A case is resampled once to the SAM grid (the model's spacing, 2 mm by default; reading the
+memory-mapped cache), then run through SAMNet in overlapping tiles of `--tile` voxels so activation
+memory is bounded whatever the volume size; each tile contributes only its interior (half the overlap is dropped at inner seams). Tiles
 start on multiples of the coarse stride, so fine and coarse grids of all tiles line up exactly.
 Existing files made by the same model are skipped (idempotent); files are written atomically.
 """

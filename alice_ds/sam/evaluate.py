@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from alice_ds.sam.matcher import DEFAULT_WINDOW
+from alice_ds.sam import DEFAULT_WINDOW
 
 WITHIN_MM = 10.0
 

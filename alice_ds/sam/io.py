@@ -87,8 +87,9 @@ class EmbeddingFile:
     coarse_shape: tuple[int, int, int]
     meta: dict = field(repr=False)
 
-    def fine_window(self, lo, hi) -> torch.Tensor:
-        """Fine-grid box `[lo, hi)` (voxel indices, clipped to the grid) as float32 [wx, wy, wz, 128]."""
+    def fine_window(self, lo, hi, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Fine-grid box `[lo, hi)` (voxel indices, clipped to the grid) as [wx, wy, wz, 128] of
+        `dtype` (float16 = as stored, no conversion)."""
         lo = [max(0, int(v)) for v in lo]
         hi = [min(s, int(v)) for v, s in zip(hi, self.fine_shape)]
         try:
@@ -96,7 +97,7 @@ class EmbeddingFile:
                 part = f.get_slice("fine")[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
         except Exception as e:  # safetensors raises several types for a truncated/replaced file
             raise DataError(self.path, f"cannot read the fine embedding window: {e}") from None
-        return part.float()
+        return part.to(dtype)
 
     def fine(self) -> torch.Tensor:
         """The whole fine grid as float32 [Xf, Yf, Zf, 128] (for tests and small volumes)."""

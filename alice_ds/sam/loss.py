@@ -67,10 +67,10 @@ def sam_loss(fine: torch.Tensor, coarse: torch.Tensor, pairs: list[tuple[View, V
         cand = rng.choice(n_fine, size=min(N_CANDIDATES, n_fine), replace=False)
         cand_ijk = np.stack(np.unravel_index(cand, tuple(fshape)), 1)
         cand_world = index_to_world(v2.fine_affine, cand_ijk)
-        fc = f2.flatten(1)[:, torch.from_numpy(cand)].T  # [C, K] -> [K, C]
+        fc = f2.flatten(1)[:, torch.from_numpy(cand).to(f2.device)].T  # [C, K] -> [K, C]
         cc = _sample(c2, world_to_index(c2_aff, cand_world))
         too_close = torch.from_numpy(np.linalg.norm(world[:, None] - cand_world[None], axis=2)
-                                     < FINE_EXCLUDE_MM)  # [P, K]
+                                     < FINE_EXCLUDE_MM).to(f2.device)  # [P, K]
         with torch.no_grad():
             hardness = (q @ fc.T + qc @ cc.T).masked_fill(too_close, -float("inf"))
             hard = hardness.topk(min(N_HARD, len(cand)), dim=1).indices  # [P, H]
@@ -79,7 +79,7 @@ def sam_loss(fine: torch.Tensor, coarse: torch.Tensor, pairs: list[tuple[View, V
 
         # coarse negatives: far voxels of view 2 + all coarse voxels of the other volumes
         near = np.linalg.norm(world[:, None] - _coarse_world(v2, cshape)[None], axis=2) < COARSE_POSITIVE_MM
-        own = (qc @ coarse_flat[2 * b + 1].T).masked_fill(torch.from_numpy(near), -float("inf"))
+        own = (qc @ coarse_flat[2 * b + 1].T).masked_fill(torch.from_numpy(near).to(qc.device), -float("inf"))
         others = [coarse_flat[i] for i in range(len(coarse_flat)) if i // 2 != b]
         neg_c = own if not others else torch.cat([own, qc @ torch.cat(others).T], 1)
         coarse_losses.append(_info_nce((qc * kc_pos).sum(1), neg_c))
@@ -91,5 +91,6 @@ def sam_loss(fine: torch.Tensor, coarse: torch.Tensor, pairs: list[tuple[View, V
 
 def _sample(feat: torch.Tensor, ijk: np.ndarray) -> torch.Tensor:
     """Trilinear embedding of one map [C, X, Y, Z] at continuous indices [P, 3] -> [P, C], unit norm."""
-    out = sample_channels_first(feat[None], torch.from_numpy(np.asarray(ijk, dtype=np.float32))[None])
+    ijk = torch.from_numpy(np.asarray(ijk, dtype=np.float32)).to(feat.device)
+    out = sample_channels_first(feat[None], ijk[None])
     return F.normalize(out[0], dim=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from alice_ds.sam.matcher import DEFAULT_WINDOW
+from alice_ds.sam import DEFAULT_WINDOW
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,12 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alice_ds.sam import DEFAULT_WINDOW
 from alice_ds.sam.geometry import index_to_world, sample_channels_last, world_to_index
 from alice_ds.sam.io import EmbeddingFile, open_embedding
 
-DEFAULT_WINDOW = 20
-"""Fine-search window edge in fine voxels (4 mm each at stride 2 of the 2 mm grid): 80 mm, more than
-two coarse voxels (32 mm at coarse stride 16), so a coarse argmax one coarse voxel off is recovered."""
 DEFAULT_CACHE = 64
 """Coarse grids kept per process (a 400 mm CT at coarse stride 16 is ~13^3 x 128 fp32 = 1 MB)."""
 POINTS_PER_CHUNK = 16
@@ -105,12 +103,13 @@ class Matcher:
         lo = np.clip(centre.astype(int) - size // 2, 0, shape - size)  # [P, 3]
         box_lo, box_hi = lo.min(0), (lo + size).max(0)
         if np.prod(box_hi - box_lo) <= len(lo) * np.prod(size):
-            box = ef.fine_window(box_lo, box_hi)  # one read covering every window
+            # one read covering every window, kept fp16 until the windows are cut out of it
+            box = ef.fine_window(box_lo, box_hi, dtype=torch.float16)
             wins = [box[a:a + size[0], b:b + size[1], c:c + size[2]]
                     for a, b, c in lo - box_lo]
         else:
-            wins = [ef.fine_window(lo_p, lo_p + size) for lo_p in lo]
-        windows = torch.stack(wins).reshape(len(lo), -1, qf.shape[1])  # [P, wx, wy, wz, C] -> [P, W, C]
+            wins = [ef.fine_window(lo_p, lo_p + size, dtype=torch.float16) for lo_p in lo]
+        windows = torch.stack(wins).float().reshape(len(lo), -1, qf.shape[1])  # [P, wx, wy, wz, C] -> [P, W, C]
         sim_f = torch.bmm(windows, qf[:, :, None])[..., 0]  # [P, W]
         # coarse embedding of the key at each window voxel: trilinear, re-normalised (as the query's)
         local = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3)

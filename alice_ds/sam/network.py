@@ -67,7 +67,8 @@ class BasicBlock(nn.Module):
 
 class SAMNet(nn.Module):
     """SAM embedding network. `width` scales every channel count (1.0 = ResNet-18 widths 64-512;
-    tests and CPU runs use 0.125-0.25); `spacing_mm` is the input grid (default 2 mm). forward(x [B, 1, X, Y, Z]) -> (fine [B, 128, ceil(X/2), ...],
+    tests and CPU runs use 0.125-0.25); `spacing_mm` is the input grid (default 2 mm).
+    forward(x [B, 1, X, Y, Z]) -> (fine [B, 128, ceil(X/2), ...],
     coarse [B, 128, ceil(X/16), ...]), both L2-normalised over channels."""
 
     STAGE_KERNELS = ((3, 3, 1), (3, 3, 1), (3, 3, 3), (3, 3, 3))  # (x, y, z): I3D 1x3x3 then 3x3x3

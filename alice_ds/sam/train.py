@@ -127,17 +127,15 @@ def load_model(path, device="cpu"):
 
 
 def _save_optimizer(opt, path: Path) -> None:
+    """AdamW state without pickle: tensors named `<param index>.<key>` (exp_avg, exp_avg_sq, step),
+    param groups as JSON metadata."""
+    import torch
     from safetensors.torch import save_file
 
     sd = opt.state_dict()
-    tensors = {f"{i}.{k}": torch_tensor(v) for i, st in sd["state"].items() for k, v in st.items()}
+    tensors = {f"{i}.{k}": (v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v))
+               for i, st in sd["state"].items() for k, v in st.items()}
     save_file(tensors, str(path), metadata={"param_groups": json.dumps(sd["param_groups"])})
-
-
-def torch_tensor(v):
-    import torch
-
-    return v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
 
 
 def _load_optimizer(opt, path: Path) -> None:
@@ -153,6 +151,8 @@ def _load_optimizer(opt, path: Path) -> None:
 
 
 def save_checkpoint(out: Path, model, opt, step: int, rng, settings: dict) -> Path:
+    """`out/checkpoints/step_<N>/` (weights, optimizer, step + sampler RNG + settings), then the
+    `latest` pointer, replaced atomically so it always names a complete checkpoint."""
     tag = f"step_{step}"
     d = out / "checkpoints" / tag
     d.mkdir(parents=True, exist_ok=True)
@@ -235,8 +235,7 @@ def run(args) -> int:
             x = torch.stack([scale_hu(v.hu) for pair in pairs for v in pair])[:, None].to(device)
             # forward + loss
             fine, coarse = model(x)
-            losses = sam_loss(fine.cpu() if device.type != "cpu" else fine,
-                              coarse.cpu() if device.type != "cpu" else coarse, pairs, rng)
+            losses = sam_loss(fine, coarse, pairs, rng)
             # backward + step
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
