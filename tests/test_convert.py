@@ -148,8 +148,9 @@ def test_monai_forward_equals_backbone_recon(ds_run, tmp_path):
     report = load_pretrained(monai, out)
     assert (len(report.loaded), report.skipped, report.missing, report.unexpected) == (159, [], [], [])
     ours = SwinBackbone(FEATURE_SIZE)
-    buffers = {k: v for k, v in load_file(out).items() if k not in _shard_teacher(_tag_dir(run), 3)}
-    ours.load_state_dict(_shard_teacher(_tag_dir(run), 3) | buffers)
+    teacher = _shard_teacher(_tag_dir(run), 3)
+    buffers = {k: v for k, v in load_file(out).items() if k not in teacher}
+    ours.load_state_dict(teacher | buffers)
     x = torch.rand(1, 1, ROI, ROI, ROI, generator=torch.Generator().manual_seed(3))
     monai.eval(), ours.eval()
     with torch.no_grad():
