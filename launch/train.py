@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="launch/train.py", description="Alice self-supervised pretraining with DeepSpeed "
-        "(ZeRO 0-3, bf16 autocast, fp32 teacher EMA). Flags override --config, which overrides --preset.")
+        "(ZeRO 0-3, bf16 autocast, fp32 teacher EMA). Command-line flags (--preset included) override "
+        "the --config YAML, which overrides the defaults.")
     config.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
