@@ -99,9 +99,9 @@ a teacher momentum of 0.9 so the EMA moves by far more than the 1e-6 tolerance o
 ENGINE_RUNS = {
     # stage: (ds_configs/<name>.json, num_steps, extra flags, nodes); nodes=2 runs two
     # `deepspeed.launcher.launch` processes
-    3: ("zero3_bf16", 3, ["--overfit_one_batch"], 1),
+    3: ("zero3_bf16", 2, ["--overfit_one_batch"], 1),
     2: ("zero2_bf16", 2, ["--val_every", "2", "--keep_last", "1"], 1),
-    1: ("fp32", 3, [], 2),
+    1: ("fp32", 2, [], 2),
 }
 """The shared runs: ZeRO-3 (bf16 autocast) overfits one batch, ZeRO-2 (bf16 autocast) validates and
 prunes, ZeRO-1 in fp32 trains on two 'nodes' and is the reference of the exact-resume test. ZeRO-1
