@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alice_ds.errors import UserError
-
-PRESET_FEATURE_SIZE = {"tiny": 12, "B": 48, "L": 96, "H": 192}
-"""SwinUNETR feature size F per preset (mirrors `alice_ds.models.PRESETS`; checked there at build)."""
+from alice_ds.models import PRESETS as PRESET_FEATURE_SIZE  # preset name -> SwinUNETR feature size F
 
 ROI_MULTIPLE = 32
 """SwinUNETR downsamples 5 times by 2: every crop edge must be a multiple of 32 voxels."""

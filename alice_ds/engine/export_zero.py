@@ -17,6 +17,7 @@ ours) raises `DataError` naming the file. This is the only exporter module that 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import math
@@ -140,15 +141,17 @@ def read_buffers(ref: CheckpointRef, prefix: str) -> dict[str, torch.Tensor]:
     return {n[len(prefix):]: states["module"][n].clone() for n in names if n.startswith(prefix)}
 
 
-class BackboneSource:
+class BackboneSource(abc.ABC):
     """Random access to one backbone's fp32 tensors (parameters and buffers) by state-dict name,
     without the `student.backbone.` / `teacher.backbone.` prefix."""
 
+    @abc.abstractmethod
     def names(self) -> list[str]:
-        raise NotImplementedError
+        """State-dict names this source holds."""
 
+    @abc.abstractmethod
     def get(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+        """The fp32 tensor of one name."""
 
     def close(self) -> None:
         pass
