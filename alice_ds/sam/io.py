@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,17 @@ class EmbeddingFile:
     fine_shape: tuple[int, int, int]
     coarse_shape: tuple[int, int, int]
     meta: dict = field(repr=False)
+    _fine_map: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    def fine_map(self) -> np.ndarray:
+        """The fine grid as a read-only memory map, float16 [Xf, Yf, Zf, 128] (as stored).
+
+        Zero-copy: indexing it reads only the touched pages (the OS page cache keeps them warm
+        across calls and across the processes that map the same file). Mapped on first use in the
+        calling process; a map created before a DataLoader forks stays valid in the workers."""
+        if self._fine_map is None:
+            self._fine_map = _map_tensor(self.path, "fine")
+        return self._fine_map
 
     def fine_window(self, lo, hi, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Fine-grid box `[lo, hi)` (voxel indices, clipped to the grid) as [wx, wy, wz, 128] of
@@ -110,6 +122,32 @@ class EmbeddingFile:
                 return f.get_tensor("coarse").float()
         except Exception as e:
             raise DataError(self.path, f"cannot read the coarse embedding: {e}") from None
+
+
+SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4"}
+"""safetensors dtype names -> NumPy dtypes (the format stores little-endian data)."""
+
+
+def _map_tensor(path: Path, name: str) -> np.ndarray:
+    """Memory-map tensor `name` of a safetensors file, read-only. The file is an 8-byte
+    little-endian header length N, N bytes of JSON header (`dtype`, `shape`, `data_offsets` relative
+    to the end of the header per tensor), then the raw data."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        entry = header[name]
+        dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+        shape = tuple(int(s) for s in entry["shape"])
+        begin, end = (int(v) for v in entry["data_offsets"])
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        raise DataError(path, f"cannot map tensor {name!r} of the safetensors file ({e!r})") from None
+    if end - begin != dtype.itemsize * int(np.prod(shape)):
+        raise DataError(path, f"tensor {name!r}: {end - begin} bytes for shape {shape} of {dtype}")
+    try:
+        return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+    except (OSError, ValueError) as e:
+        raise DataError(path, f"cannot map tensor {name!r} ({e})") from None
 
 
 def open_embedding(embed_dir, case_id: str) -> EmbeddingFile:

@@ -2,13 +2,15 @@
 
 sim(p, q) = (cos_fine(p, q) + cos_coarse(p, q)) / 2. The argmax is found in two steps: the
 coarse grid of the key case (a few thousand voxels, held in memory) gives a coarse argmax; the
-fine grid is then searched only in a window of `window` fine voxels around it, read from the file
-with `get_slice`. All query points go through one matrix product per step. The reference code
-instead ran a full-volume search up to 101 times per training step.
+fine grid is then searched only in a window of `window` fine voxels around it, read from a memory
+map of the file (only the window's pages are touched; no fine grid is copied). All query points go
+through one matrix product per step. The reference code instead ran a full-volume search up to 101
+times per training step.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -16,20 +18,20 @@ import torch
 import torch.nn.functional as F
 
 from alice_ds.sam import DEFAULT_WINDOW
-from alice_ds.sam.geometry import index_to_world, sample_channels_last, world_to_index
+from alice_ds.sam.geometry import index_to_world, normalized_grid, sample_channels_last, world_to_index
 from alice_ds.sam.io import EmbeddingFile, open_embedding
 
 DEFAULT_CACHE = 64
 """Coarse grids kept per process (a 400 mm CT at coarse stride 16 is ~13^3 x 128 fp32 = 1 MB)."""
-POINTS_PER_CHUNK = 16
-"""Query points per fine-window product: bounds memory at 2 x 16 x 20^3 x 128 x 4 B = 130 MB
-(fine window + interpolated coarse)."""
+POINTS_PER_CHUNK = 64
+"""Query points per fine-window product: bounds memory at 64 x 20^3 x 128 x 4 B = 260 MB for the
+default window (8 MB for the sampler's window of 8)."""
 
 
 class Matcher:
     """Matches world-mm points of a query case into a key case. Files are opened lazily and only
-    header + coarse grid are cached (LRU per process), so one instance built before a DataLoader
-    forks can be used in every worker."""
+    header + coarse grid are cached (LRU per process; the fine grid is a memory map), so one
+    instance built before a DataLoader forks can be used in every worker."""
 
     def __init__(self, embed_dir, window: int = DEFAULT_WINDOW, cache_size: int = DEFAULT_CACHE):
         if window < 1:
@@ -39,16 +41,19 @@ class Matcher:
         self.embed_dir = embed_dir
         self.window = int(window)
         self.cache_size = int(cache_size)
-        self._cache: OrderedDict[str, tuple[EmbeddingFile, torch.Tensor]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[EmbeddingFile, torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def _load(self, case_id: str) -> tuple[EmbeddingFile, torch.Tensor]:
-        """(file, coarse grid float32 [Xc, Yc, Zc, 128]) from the LRU, loading on a miss."""
+    def _load(self, case_id: str) -> tuple[EmbeddingFile, torch.Tensor, torch.Tensor]:
+        """(file, coarse grid float32 [Xc, Yc, Zc, 128], the same as keys [128, Nc] contiguous)
+        from the LRU, loading on a miss. The transposed copy makes `q @ keys` 25% faster than
+        `q @ coarse.view(-1, 128).T` (1.8 vs 2.4 ms for 32 x 15k, one core)."""
         hit = self._cache.get(case_id)
         if hit is not None:
             self._cache.move_to_end(case_id)
             return hit
         ef = open_embedding(self.embed_dir, case_id)
-        entry = (ef, ef.coarse())
+        coarse = ef.coarse()
+        entry = (ef, coarse, coarse.reshape(-1, coarse.shape[-1]).T.contiguous())
         self._cache[case_id] = entry
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -56,18 +61,20 @@ class Matcher:
 
     def query_features(self, case_id: str, points_mm) -> tuple[torch.Tensor, torch.Tensor]:
         """Trilinear fine and coarse embeddings of a case at world points -> ([P, 128], [P, 128]),
-        re-normalised. Only the 2x2x2 fine neighbourhood of each point is read."""
-        ef, coarse = self._load(case_id)
+        re-normalised. Only the 2x2x2 fine neighbourhood of each point is read (one gather from
+        the memory map); points outside the grid take the border value."""
+        ef, coarse, _ = self._load(case_id)
         pts = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
         shape = np.asarray(ef.fine_shape)
-        ijk = np.clip(world_to_index(ef.fine_affine, pts), 0, shape - 1)
-        lo = np.minimum(np.floor(ijk).astype(int), np.maximum(shape - 2, 0))
-        fine = []
-        for p in range(len(pts)):
-            block = ef.fine_window(lo[p], lo[p] + 2)  # [<=2, <=2, <=2, 128]
-            local = torch.from_numpy(ijk[p] - lo[p]).float()[None]
-            fine.append(sample_channels_last(block, local))
-        qf = torch.cat(fine) if fine else torch.zeros(0, coarse.shape[-1])
+        ijk = np.clip(world_to_index(ef.fine_affine, pts), 0, shape - 1)  # [P, 3]
+        lo = np.minimum(np.floor(ijk).astype(np.int64), np.maximum(shape - 2, 0))
+        frac = ijk - lo  # [P, 3] in [0, 1]; 0 on an axis of one voxel
+        hi = np.minimum(lo + 1, shape - 1)
+        corner = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).reshape(8, 3)  # [8, 3]
+        idx = np.where(corner[None] == 1, hi[:, None], lo[:, None])  # [P, 8, 3]
+        weight = np.where(corner[None] == 1, frac[:, None], 1 - frac[:, None]).prod(-1)  # [P, 8]
+        vals = ef.fine_map()[idx[..., 0], idx[..., 1], idx[..., 2]].astype(np.float32)  # [P, 8, 128]
+        qf = torch.from_numpy(np.einsum("pk,pkc->pc", weight.astype(np.float32), vals))
         cijk = torch.from_numpy(world_to_index(ef.coarse_affine, pts)).float()
         qc = sample_channels_last(coarse, cijk)
         return F.normalize(qf, dim=1), F.normalize(qc, dim=1)
@@ -81,43 +88,59 @@ class Matcher:
         if len(pts) == 0:
             return np.zeros((0, 3)), np.zeros(0, dtype=np.float32)
         qf, qc = self.query_features(query_case, pts)
-        ef, kcoarse = self._load(key_case)
+        ef, kcoarse, keys = self._load(key_case)
         cshape = kcoarse.shape[:3]
-        sim_c = qc @ kcoarse.reshape(-1, kcoarse.shape[-1]).T  # [P, Nc]
-        best_c = np.stack(np.unravel_index(sim_c.argmax(1).numpy(), cshape), axis=1)  # [P, 3]
+        sim_c = qc @ keys  # [P, C] @ [C, Nc] -> [P, Nc]
+        best_c = np.stack(np.unravel_index(sim_c.numpy().argmax(1), cshape), axis=1)  # [P, 3] (NumPy's
+        # argmax: 0.03 ms vs torch's 0.4 ms for [32, 15k] on one core)
         centre = np.rint(world_to_index(ef.fine_affine, index_to_world(ef.coarse_affine, best_c)))
+        sim_c = sim_c.view(len(pts), 1, *cshape)  # [P, Nc] -> [P, 1, Xc, Yc, Zc]
         matched, scores = [], []
         for s in range(0, len(pts), POINTS_PER_CHUNK):
             sl = slice(s, s + POINTS_PER_CHUNK)
-            m, sc = self._fine_search(ef, kcoarse, centre[sl], qf[sl], qc[sl])
+            m, sc = self._fine_search(ef, sim_c[sl], centre[sl], qf[sl])
             matched.append(m)
             scores.append(sc)
         return np.concatenate(matched), np.concatenate(scores).astype(np.float32)
 
-    def _fine_search(self, ef: EmbeddingFile, kcoarse: torch.Tensor, centre: np.ndarray,
-                     qf: torch.Tensor, qc: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _fine_search(self, ef: EmbeddingFile, sim_c: torch.Tensor, centre: np.ndarray,
+                     qf: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Fine argmax of (cos_fine + cos_coarse) / 2 in a window around each coarse argmax.
-        centre [P, 3] fine indices; qf, qc [P, 128] query embeddings; kcoarse [Xc, Yc, Zc, 128]."""
+        sim_c [P, 1, Xc, Yc, Zc] coarse cosine of each query with the key's coarse grid; centre
+        [P, 3] fine indices; qf [P, 128] query fine embeddings.
+
+        cos_coarse at a fine voxel is the coarse *similarity map* upsampled trilinearly (as the
+        reference SAM does), not the cosine of a trilinearly interpolated, re-normalised coarse
+        embedding: one scalar per coarse voxel is interpolated instead of 128 channels. The two
+        agree at coarse voxel centres and differ in between by the interpolation of a cosine vs the
+        cosine of an interpolation (the former is slightly lower between dissimilar neighbours)."""
         shape = np.asarray(ef.fine_shape)
         size = np.minimum(self.window, shape)  # same window size for every point -> one product
-        lo = np.clip(centre.astype(int) - size // 2, 0, shape - size)  # [P, 3]
-        box_lo, box_hi = lo.min(0), (lo + size).max(0)
-        if np.prod(box_hi - box_lo) <= len(lo) * np.prod(size):
-            # one read covering every window, kept fp16 until the windows are cut out of it
-            box = ef.fine_window(box_lo, box_hi, dtype=torch.float16)
-            wins = [box[a:a + size[0], b:b + size[1], c:c + size[2]]
-                    for a, b, c in lo - box_lo]
-        else:
-            wins = [ef.fine_window(lo_p, lo_p + size, dtype=torch.float16) for lo_p in lo]
-        windows = torch.stack(wins).float().reshape(len(lo), -1, qf.shape[1])  # [P, wx, wy, wz, C] -> [P, W, C]
-        sim_f = torch.bmm(windows, qf[:, :, None])[..., 0]  # [P, W]
-        # coarse embedding of the key at each window voxel: trilinear, re-normalised (as the query's)
+        lo = np.clip(centre.astype(np.int64) - size // 2, 0, shape - size)  # [P, 3]
+        fine = _as_tensor(ef.fine_map())  # fp16 [Xf, Yf, Zf, C], memory-mapped
+        windows = torch.empty((len(lo), *size, fine.shape[-1]))  # [P, wx, wy, wz, C] fp32
+        for p, (a, b, c) in enumerate(lo.tolist()):  # fp16 -> fp32 while copying out of the map
+            windows[p].copy_(fine[a:a + size[0], b:b + size[1], c:c + size[2]])
+        windows = windows.view(len(lo), -1, fine.shape[-1])  # [P, wx, wy, wz, C] -> [P, W, C]
+        # NumPy's batched matrix-vector product: 0.17 ms vs 2.1 ms for torch.bmm at [32, 512, 128]
+        sim_f = torch.from_numpy(np.matmul(windows.numpy(), qf.numpy()[:, :, None])[..., 0])  # [P, W]
+        # coarse similarity at each window voxel: trilinear in the coarse map of each point
         local = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3)
         fine_ijk = lo[:, None, :] + local[None]  # [P, W, 3]
         cijk = world_to_index(ef.coarse_affine, index_to_world(ef.fine_affine, fine_ijk.reshape(-1, 3)))
-        kc = F.normalize(sample_channels_last(kcoarse, torch.from_numpy(cijk).float()), dim=1)
-        sim_cw = torch.bmm(kc.view(len(lo), -1, qc.shape[1]), qc[:, :, None])[..., 0]  # [P*W, C] -> [P, W]
+        grid = normalized_grid(torch.from_numpy(cijk).float(), sim_c.shape[2:])  # [P*W, 3]
+        sim_cw = F.grid_sample(sim_c, grid.view(len(lo), -1, 1, 1, 3), mode="bilinear",
+                               padding_mode="border", align_corners=True).view(len(lo), -1)  # [P, W]
         combined = (sim_f + sim_cw) / 2
         score, arg = combined.max(1)
         best = fine_ijk[np.arange(len(lo)), arg.numpy()]
         return index_to_world(ef.fine_affine, best), score.numpy()
+
+
+def _as_tensor(mapped: np.ndarray) -> torch.Tensor:
+    """A read-only memory map as a tensor without a copy, for reading only. (torch warns that it
+    cannot protect a non-writable array; nothing here writes. Copying windows with torch is 5x
+    faster than NumPy's fp16 -> fp32 cast: 0.8 vs 4.6 ms for 32 windows of 8^3 x 128.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(mapped)
