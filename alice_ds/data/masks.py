@@ -12,6 +12,8 @@ view gets its own mask.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 
@@ -34,12 +36,7 @@ def block_mask(grid: tuple[int, int, int], ratio: float, block: int,
         raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
     if block < 1:
         raise ValueError(f"mask block must be >= 1 token, got {block}")
-    nblocks = [-(-g // block) for g in grid]  # blocks per axis, last one possibly partial
-    # block id of every token of the unshifted tiling: [gx, gy, gz]
-    ax = [np.arange(g) // block for g in grid]
-    block_id = (ax[0][:, None, None] * nblocks[1] + ax[1][None, :, None]) * nblocks[2] + ax[2][None, None, :]
-    sizes = np.bincount(block_id.ravel(), minlength=int(np.prod(nblocks)))  # tokens per block
-
+    block_id, sizes = _tiling(grid, int(block))
     target = num_masked(grid, ratio)
     order = rng.permutation(len(sizes))  # masking order of the blocks
     filled = np.cumsum(sizes[order])  # tokens masked after the first k+1 blocks of `order`
@@ -53,3 +50,17 @@ def block_mask(grid: tuple[int, int, int], ratio: float, block: int,
         mask.ravel()[partial] = True
     shift = [int(rng.integers(block)) for _ in grid]  # random tiling offset per axis (wraps)
     return np.roll(mask, shift, axis=(0, 1, 2))
+
+
+@lru_cache(maxsize=8)
+def _tiling(grid: tuple[int, int, int], block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block id of every token of the unshifted tiling, int64 `[gx, gy, gz]`, and the tokens per
+    block `[num_blocks]`. Fixed per (grid, block), so computed once per process (it was half of
+    `block_mask`'s 0.65 ms at a 48^3 grid); read-only, shared by every call."""
+    nblocks = [-(-g // block) for g in grid]  # blocks per axis, last one possibly partial
+    ax = [np.arange(g) // block for g in grid]
+    block_id = (ax[0][:, None, None] * nblocks[1] + ax[1][None, :, None]) * nblocks[2] + ax[2][None, None, :]
+    sizes = np.bincount(block_id.ravel(), minlength=int(np.prod(nblocks)))
+    block_id.flags.writeable = False
+    sizes.flags.writeable = False
+    return block_id, sizes
