@@ -70,9 +70,12 @@ class PairConfig:
     score_threshold: float = 0.7
     """Minimum match score, (cos_fine + cos_coarse) / 2, for an inter pair (paper code: 0.7)."""
     match_window: int = 8
-    """Edge of the matcher's fine-search window in fine voxels (4 mm each): 32 mm, two coarse
-    voxels. The matcher's own default (20) is tuned for landmark accuracy; the sampler scores K
-    candidates per call and the window's volume is what that call costs."""
+    """Edge of the matcher's fine-search window in fine voxels (4 mm each): 32 mm. The matcher's
+    own default (`alice_ds.sam.DEFAULT_WINDOW`) is wider, for landmark accuracy; here the window's
+    volume is what each K-candidate call costs. On the benchmark phantoms (oracle embeddings,
+    4 x 3 case pairs x 32 body points) windows 8 and 20 find the full-volume argmax equally often
+    (87% vs 88%), with the same fraction of candidates >= 0.7 and a mean score 0.006 vs 0.002 below
+    the full search, at 8 vs 60 CPU-ms per call."""
     max_retries: int = 3
     """Extra matcher calls (new partner, new candidates) before falling back to an intra pair."""
     rotation: float = 15.0
@@ -346,7 +349,7 @@ class PairDataset(IterableDataset):
         center = _snap(qa, point_mm)
         crop = self._window(qa, center)
         query = self.augment(crop, rng)
-        anchor = self.augment(crop, rng)
+        anchor = self.augment(crop.clone(), rng)  # two tensors even when augmentation is off
         return self._pack(query, anchor, center, center, case_a, case_a, 1.0, "intra", tries, rng, index)
 
     def _window(self, case, center_mm: np.ndarray) -> torch.Tensor:
