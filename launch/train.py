@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="launch/train.py", description="Alice self-supervised pretraining with DeepSpeed "
         "(ZeRO 0-3, bf16 autocast, fp32 teacher EMA). Command-line flags (--preset included) override "
-        "the --config YAML, which overrides the defaults.")
+        "the --config YAML, which overrides the defaults.",
+        epilog="Tests only: the environment variable ALICE_DS_FAULT injects faults, comma-separated "
+        "nan:RANK:STEP[:COUNT] (NaN loss for the first COUNT forward passes of STEP, all if omitted) and "
+        "exit:RANK:STEP (the rank dies with status 17); see alice_ds/engine/trainer.py Faults.")
     config.add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -1,21 +1,25 @@
 """Real 2-rank DeepSpeed pretraining on CPU (gloo, sanity checks on), tiny SwinUNETR (F=12, 64^3) on
 phantom data. The runs are shared through the `ds_run` fixture (tests/conftest.py): ZeRO-3 overfits
-one batch, ZeRO-2 validates and prunes, ZeRO-1 runs as two 'nodes' and is the exact-resume reference.
-All three compute in fp32: bf16 autocast on the CPU makes DeepSpeed skip some updates (see
-ENGINE_RUNS in tests/conftest.py and ds_configs/README.md)."""
+one batch, ZeRO-2 validates and prunes (both bf16 autocast, no update may be skipped), ZeRO-1 runs as
+two 'nodes' in fp32 and is the exact-resume reference. Two more launches inject faults (`ALICE_DS_FAULT`):
+NaN losses under ZeRO-1 bf16, and a rank that dies."""
 
+import copy
 import json
 import math
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from alice_ds.engine.cpu_bf16 import guard_cpu_bf16_conv3d
 from alice_ds.engine.distenv import first_slurm_host, setup_env
+from alice_ds.engine.trainer import FAULT_ENV, FAULT_EXIT_CODE
 from alice_ds.errors import UserError
 
 EMA_RTOL = 1e-6
@@ -84,6 +88,40 @@ def _check_ema(out):
     return err
 
 
+def _assert_every_update_applied(metrics):
+    """bf16 runs: DeepSpeed skipped no update and reported a finite gradient norm every step."""
+    assert not any(x["optimizer_skipped"] for x in metrics), [x["grad_norm"] for x in metrics]
+    assert all(x["grad_norm"] is not None and 0 < x["grad_norm"] < 1e6 for x in metrics), metrics
+    assert metrics[-1]["skipped_updates"] == 0
+
+
+def test_cpu_bf16_conv3d_guard():
+    """alice_ds/engine/cpu_bf16.py: under CPU bf16 autocast a guarded depth-2 Conv3d (oneDNN's bf16
+    weight gradient is garbage there; benchmarks/cpu_bf16_conv3d.py) gives the fp32 weight gradient
+    on every draw; convs outside the bug (depth >= kernel, or no weight gradient) stay bf16."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(32, 32, 3, padding=1)
+    net = torch.nn.Sequential(conv, torch.nn.Conv3d(32, 32, 1))
+    assert guard_cpu_bf16_conv3d(net) == 2
+    for _ in range(8):
+        x, g = torch.randn(1, 32, 2, 4, 4), torch.randn(1, 32, 2, 4, 4)  # [B, C, D, H, W], depth 2 < kernel 3
+        conv.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            y = conv(x)
+        assert y.dtype == torch.float32
+        y.backward(g)
+        got = conv.weight.grad.clone()
+        conv.zero_grad()
+        torch.nn.Conv3d.forward(conv, x).backward(g)  # unguarded fp32 reference
+        torch.testing.assert_close(got, conv.weight.grad, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert conv(torch.randn(1, 32, 3, 3, 3)).dtype == torch.bfloat16  # depth 3 >= kernel 3
+        with torch.no_grad():
+            assert conv(x).dtype == torch.bfloat16  # no weight gradient (the teacher)
+    twin = copy.deepcopy(net)  # the teacher is a deepcopy: its guard is bound to its own conv
+    assert twin[0].forward.__self__ is twin[0]
+
+
 def test_launcher_env_mapping():
     env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[07-08,11]"}
     e = setup_env(env)
@@ -118,6 +156,7 @@ def test_zero3_overfit_ema_and_checkpoint_layout(ds_run):
     for x in m:
         assert all(math.isfinite(x[k]) for k in ("loss", "cls", "patch", "recon", "lr", "momentum", "samples_per_s"))
     assert m[-1]["loss"] < m[0]["loss"], [x["loss"] for x in m]
+    _assert_every_update_applied(m)
     _check_ema(out)
     # layout shared with the export (docs/interfaces.md)
     ck = out / "checkpoints"
@@ -154,6 +193,7 @@ def test_zero2_validation_best_and_pruning(ds_run):
     m = _metrics(out)
     assert all(math.isfinite(x["loss"]) for x in m)
     assert math.isfinite(m[-1]["val_loss"]) and "val_loss" not in m[0]
+    _assert_every_update_applied(m)
     tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["best", "step_2"], tags  # keep_last 1 removed step_1; best is kept
     assert (out / "checkpoints" / "latest").read_text() == "step_2"
@@ -202,3 +242,53 @@ def test_exact_resume_after_sigterm(ds_run, ds_launch, tmp_path):
         assert a.keys() == b.keys() and len(a) > 100
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=RESUME_ATOL)
+
+
+def test_nan_losses_skipped_then_stop_keeps_last_checkpoint(ds_launch, engine_inputs, tmp_path):
+    """ZeRO-1 bf16 with injected NaN losses and max_nonfinite 2: rank 1's first forward of step 2 is NaN,
+    so both ranks skip that micro-batch (warned, counted) and finish step 2 on the next one; every
+    forward of step 3 on rank 0 is NaN, so after 2 in a row the run stops with an error naming the
+    last good checkpoint, step_2, which stays complete and `latest`."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text((engine_inputs / "tiny.yaml").read_text().replace("run: {", "run: {max_nonfinite: 2, "))
+    out = tmp_path / "run"
+    (proc,) = ds_launch(out, "zero1_bf16", 4, ["--config", str(cfg)], env={FAULT_ENV: "nan:1:2:1,nan:0:3"})
+    log = " ".join((out / "launch0.log").read_text().split())  # undo console line wrapping
+    assert proc.returncode == 2, log[-3000:]  # a TrainingError is a user-facing error: exit 2
+    ck = out / "checkpoints"
+    assert (f"2 non-finite losses in a row at step 3: stopping; last good checkpoint: {ck / 'step_2'}" in log)
+    assert "step 2: non-finite loss on 1 rank(s), micro-batch skipped (1 in a row, 1 in total)" in log
+    assert "Traceback" not in log
+    m = _metrics(out)
+    assert [x["step"] for x in m] == [1, 2]
+    assert [x["skipped"] for x in m] == [0, 1] and m[-1]["nonfinite_total"] == 1
+    assert all(math.isfinite(x["loss"]) for x in m)
+    _assert_every_update_applied(m)  # ZeRO-1 with bf16 autocast
+    assert (ck / "latest").read_text() == "step_2"
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step_1", "step_2"]
+    assert json.loads((ck / "step_2" / "alice_state.json").read_text())["step"] == 2
+    teacher = _teacher(out, "step_2")
+    assert len(teacher) > 100 and all(torch.isfinite(t).all() for t in teacher.values())
+
+
+def test_dead_rank_takes_the_job_down(ds_launch, tmp_path):
+    """Rank 1 dies (`os._exit`) when step 2 starts while rank 0 waits for it in a collective: the
+    launcher kills rank 0 and exits with the dead rank's status, no process of the run is left, and
+    step_1 stays the latest checkpoint."""
+    import psutil
+
+    out = tmp_path / "run"
+    (proc,) = ds_launch(out, "zero2_bf16", 3, env={FAULT_ENV: "exit:1:2"}, wait=False)
+    try:
+        rc = proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        for c in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+            c.kill()
+        raise AssertionError(f"the launcher hung after a rank died:\n{(out / 'launch0.log').read_text()[-3000:]}")
+    log = (out / "launch0.log").read_text()
+    assert rc == FAULT_EXIT_CODE, log[-3000:]
+    assert "rank exits at step 2" in " ".join(log.split())
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"processes of the dead run still alive: {left}"
+    assert (out / "checkpoints" / "latest").read_text() == "step_1"
+    assert [x["step"] for x in _metrics(out)] == [1]

@@ -9,6 +9,8 @@ finishes step N are evaluated at N - 1, its metrics line and checkpoint tag say 
 from __future__ import annotations
 
 import json
+import math
+import os
 import signal
 import time
 from itertools import repeat
@@ -19,6 +21,7 @@ import torch
 from alice_ds.console import console, progress, warn
 from alice_ds.engine import checkpoint as ckpt
 from alice_ds.engine.config import TrainConfig, global_batch, peak_lr, resolve_ds_config
+from alice_ds.engine.cpu_bf16 import guard_cpu_bf16_conv3d
 from alice_ds.engine.distenv import DistEnv
 from alice_ds.engine.ema import TeacherEMA
 from alice_ds.engine.schedules import Schedules
@@ -31,10 +34,59 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Preemption signals: finish the step, checkpoint, exit 0."""
 VAL_SEED_OFFSET = 1_000_003
 """The validation stream uses seed + this, so it never repeats a training sample's randomness."""
+FP32_MAX_NORM = math.sqrt(torch.finfo(torch.float32).max)
+"""~1.8e19: a global gradient norm above it overflows an fp32 sum of squares. DeepSpeed's ZeRO-1/2/3
+then report inf and skip the update; the trainer applies the same criterion under ZeRO-0."""
+FAULT_ENV = "ALICE_DS_FAULT"
+"""Fault injection for tests (`Faults`): unset in real runs."""
+FAULT_EXIT_CODE = 17
+"""Exit status of a rank killed by an injected `exit` fault."""
 
 
 class TrainingError(UserError):
     """The run cannot continue (diverged); the message says why and where the last checkpoint is."""
+
+
+class Faults:
+    """Injected faults, read once from the environment variable `ALICE_DS_FAULT` (tests only; the
+    fault paths cannot be reached on purpose otherwise). Comma-separated specs:
+
+    - `nan:RANK:STEP[:COUNT]`: on rank RANK the first COUNT forward passes (all when omitted) of the
+      step that finishes step STEP return a NaN loss;
+    - `exit:RANK:STEP`: rank RANK dies (`os._exit(17)`, no cleanup) when step STEP starts.
+    """
+
+    def __init__(self, spec: str, rank: int):
+        self.nan: dict[int, float] = {}  # step -> NaN forward passes left on this rank (inf = all)
+        self.exit_step: int | None = None
+        for item in filter(None, spec.split(",")):
+            parts = item.split(":")
+            try:
+                kind, fault_rank, step = parts[0], int(parts[1]), int(parts[2])
+                count = float(parts[3]) if len(parts) > 3 else math.inf
+            except (IndexError, ValueError):
+                raise UserError(f"{FAULT_ENV}: cannot parse {item!r} (want nan:RANK:STEP[:COUNT] or "
+                                "exit:RANK:STEP)") from None
+            if kind not in ("nan", "exit") or len(parts) > (4 if kind == "nan" else 3):
+                raise UserError(f"{FAULT_ENV}: unknown fault {item!r} (want nan:RANK:STEP[:COUNT] or exit:RANK:STEP)")
+            if fault_rank != rank:
+                continue
+            if kind == "nan":
+                self.nan[step] = count
+            else:
+                self.exit_step = step
+
+    def at_step_start(self, step: int) -> None:
+        if self.exit_step == step:
+            warn(f"{FAULT_ENV}: rank exits at step {step}")
+            os._exit(FAULT_EXIT_CODE)
+
+    def loss(self, out: dict, step: int) -> dict:
+        """`out` with a NaN loss when a `nan` fault covers this forward pass of `step`."""
+        if self.nan.get(step, 0) <= 0:
+            return out
+        self.nan[step] -= 1
+        return {**out, "loss": out["loss"] * float("nan")}
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -76,6 +128,8 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
         module = AliceMetaArch(cfg.model, cfg.loss)
+        if deepspeed.get_accelerator().device_name() == "cpu":
+            guard_cpu_bf16_conv3d(module)  # bf16 autocast Conv3d weight-gradient bug (engine/cpu_bf16.py)
         optimizer = torch.optim.AdamW(module.param_groups(), lr=0.0, weight_decay=0.0, betas=cfg.optim.betas)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                                  config=ds_config)
@@ -86,8 +140,10 @@ class Trainer:
         self.best_val = float("inf")
         self.nonfinite_total = 0
         self._stop_signal: int | None = None
+        self.skipped_updates = 0  # optimizer updates not applied (gradient norm not finite in fp32)
         self._ds_skipped = 0  # DeepSpeed's count of optimizer steps it skipped (non-finite gradients)
         self._skipped_in_row = 0
+        self.faults = Faults(os.environ.get(FAULT_ENV, ""), self.rank)
 
     # ---- setup ---------------------------------------------------------------------------------
     def _check_cache_spacing(self) -> None:
@@ -145,20 +201,40 @@ class Trainer:
         dist.all_reduce(t)
         return t.tolist()
 
+    def _zero0_grad_norm(self) -> tuple[float, bool]:
+        """ZeRO-0 (plain data parallel): DeepSpeed computes no global gradient norm in torch_autocast
+        mode and would apply any update. At the accumulation boundary the gradients are all-reduced
+        (equal on every rank): returns their norm (fp64) and whether the update is dropped. A dropped
+        update zeroes the gradients and the lr of every group for this step, so no parameter moves
+        (Adam's moments still decay by one step; DeepSpeed's clipping needs at least one gradient)."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm = math.sqrt(sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads))
+        drop = not norm <= FP32_MAX_NORM
+        if drop:
+            for g in grads:
+                g.zero_()
+            for group in self.optimizer.param_groups:
+                group["lr"] = 0.0
+        return norm, drop
+
     def train_step(self, batches) -> dict:
         """One optimizer step of `grad_accum` finite micro-batches. A micro-batch whose loss is
         NaN/Inf on any rank is skipped on every rank (no backward, DeepSpeed's counters untouched) and
-        another one is drawn; `max_nonfinite` skips in a row stop the run."""
+        another one is drawn; `max_nonfinite` skips in a row stop the run. An update whose global
+        gradient norm is not finite in fp32 is skipped (DeepSpeed does it under ZeRO-1/2/3, the trainer
+        under ZeRO-0), warned, counted, and `max_nonfinite` of them in a row stop the run."""
         cfg = self.cfg.run
         v = self._set_optimizer(self.step)
+        self.faults.at_step_start(self.step + 1)
         t0 = time.perf_counter()
         sums = dict.fromkeys(LOSS_KEYS + EXTRA_KEYS, 0.0)
         done, skipped_in_row, skipped = 0, 0, 0
+        grad_norm, zero0_dropped = None, False
         while done < cfg.grad_accum:
             # sample
             batch = _to_device(next(batches), self.engine.device)
             # forward: student, teacher, CASA, loss
-            out = self.engine(batch, self.step)
+            out = self.faults.loss(self.engine(batch, self.step), self.step + 1)
             local = [float(out[k].detach()) for k in LOSS_KEYS + EXTRA_KEYS]
             bad = 0.0 if all(torch.isfinite(torch.tensor(local[:len(LOSS_KEYS)]))) else 1.0
             reduced = self._reduce([0.0 if bad else x for x in local] + [bad])
@@ -170,32 +246,37 @@ class Trainer:
                     warn(f"step {self.step + 1}: non-finite loss on {int(reduced[-1])} rank(s), micro-batch "
                          f"skipped ({skipped_in_row} in a row, {self.nonfinite_total} in total)")
                 if skipped_in_row >= cfg.max_nonfinite:
-                    last = ckpt.step_tags(self.ckpt_root)
-                    raise TrainingError(
-                        f"{skipped_in_row} non-finite losses in a row at step {self.step + 1}: stopping; "
-                        f"last good checkpoint: {self.ckpt_root / last[-1][1] if last else 'none'} "
-                        "(lower --lr or raise warmup_steps)")
+                    raise TrainingError(f"{skipped_in_row} non-finite losses in a row at step {self.step + 1}: "
+                                        f"stopping; {self._last_checkpoint()} (lower --lr or raise warmup_steps)")
                 continue
             skipped_in_row = 0
             # backward / step (DeepSpeed steps the optimizer at the accumulation boundary)
             self.engine.backward(out["loss"])
+            if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                grad_norm, zero0_dropped = self._zero0_grad_norm()
             self.engine.step()
             done += 1
             for k, x in zip(LOSS_KEYS + EXTRA_KEYS, reduced):
                 sums[k] += x / (self.world * cfg.grad_accum)
-        # DeepSpeed skips the optimizer update itself when the reduced gradients are not finite
-        # (every rank agrees); the student did not move, so neither does the teacher
-        optimizer_skipped = self.engine.skipped_steps > self._ds_skipped
+        if self.zero_stage > 0:  # DeepSpeed's global norm (before clipping; inf when it skipped the update)
+            ds_norm = self.engine.get_global_grad_norm()
+            grad_norm = None if ds_norm is None else float(ds_norm)
+        # a skipped update (every rank agrees): the student did not move, so neither does the teacher
+        optimizer_skipped = zero0_dropped or self.engine.skipped_steps > self._ds_skipped
         self._ds_skipped = self.engine.skipped_steps
         if optimizer_skipped:
             self.nonfinite_total += 1
+            self.skipped_updates += 1
             self._skipped_in_row += 1
             if self.is_main:
-                warn(f"step {self.step + 1}: non-finite gradients, DeepSpeed skipped the update "
-                     f"({self._skipped_in_row} in a row)")
+                norm = "unknown" if grad_norm is None else f"{grad_norm:.3g}"
+                warn(f"step {self.step + 1}: global gradient norm {norm} overflows fp32, update skipped "
+                     f"({self._skipped_in_row} in a row, {self.skipped_updates} in total; `optimizer_skipped` "
+                     "in metrics.jsonl)")
             if self._skipped_in_row >= cfg.max_nonfinite:
                 raise TrainingError(f"{self._skipped_in_row} optimizer steps in a row with non-finite gradients "
-                                    f"at step {self.step + 1}: stopping (lower --lr or raise warmup_steps)")
+                                    f"at step {self.step + 1}: stopping; {self._last_checkpoint()} "
+                                    "(lower --lr or raise warmup_steps)")
         else:
             self._skipped_in_row = 0
             # teacher EMA, fp32, on this rank's shards
@@ -204,8 +285,14 @@ class Trainer:
         dt = time.perf_counter() - t0
         return {"step": self.step, **sums, "lr": v.lr, "weight_decay": v.weight_decay, "momentum": v.momentum,
                 "teacher_temp": float(out["teacher_temp"]), "skipped": skipped,
-                "optimizer_skipped": optimizer_skipped, "step_time_s": dt,
+                "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+                "optimizer_skipped": optimizer_skipped, "skipped_updates": self.skipped_updates,
+                "nonfinite_total": self.nonfinite_total, "step_time_s": dt,
                 "samples_per_s": self.global_batch / dt}
+
+    def _last_checkpoint(self) -> str:
+        last = ckpt.step_tags(self.ckpt_root)
+        return f"last good checkpoint: {self.ckpt_root / last[-1][1]}" if last else "no checkpoint written yet"
 
     # ---- validation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -226,7 +313,7 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, tag: str, update_latest: bool = True) -> Path:
         state = {"sampler": self.train_loader.state_dict(), "best_val": self.best_val,
-                 "nonfinite_total": self.nonfinite_total}
+                 "nonfinite_total": self.nonfinite_total, "skipped_updates": self.skipped_updates}
         return ckpt.save(self.engine, self.module, self.ema, self.ckpt_root, tag, self.step, self.cfg.to_dict(),
                          self.zero_stage, state, {}, self.cfg.run.keep_last, update_latest=update_latest)
 
@@ -240,6 +327,7 @@ class Trainer:
         self.train_loader.load_state_dict(rank_state["sampler"])
         self.best_val = float(rank_state["best_val"])
         self.nonfinite_total = int(rank_state["nonfinite_total"])
+        self.skipped_updates = int(rank_state["skipped_updates"])
         self._ds_skipped = self.engine.skipped_steps
         if self.is_main:
             console.print(f"resumed from {self.ckpt_root / tag} at step {self.step}")
