@@ -1,5 +1,5 @@
 """Pair-sampler throughput: ours (K candidates per coarse-to-fine matcher call, body points listed
-once, lazy fine windows) vs the reference algorithm (one random point per try, full-volume
+once, memory-mapped fine windows) vs the reference algorithm (one random point per try, full-volume
 similarity by conv3d over the whole fine grid, up to 101 tries, embeddings re-read from disk every
 try), in one run, on phantom cases of realistic size preprocessed to 1.5 mm.
 
@@ -10,7 +10,9 @@ partner's field of view score low: acceptance is below 1, as with a learned SAM)
     python benchmarks/sampler.py [--json OUT] [--num_cases 4] [--pairs 40] [--baseline_pairs 3]
 
 Everything runs in one process on one torch thread, so the rates are per CPU core (one DataLoader
-worker). Timings compare only within one run: quote the ratio.
+worker); rates are pairs per CPU-second of the process, so other load on the machine slows them
+less than wall time, but still some (shared caches): quote ratios within one run. The CPU time per
+pair is also split by stage (matcher, crops, augmentation, masks, other).
 """
 
 from __future__ import annotations
@@ -124,18 +126,46 @@ class ReferenceSampler:
         return query, anchor, score
 
 
-class TimedMatcher:
-    """The real Matcher, with the CPU time of its calls accumulated (to split the sampler's cost)."""
+class Stages:
+    """CPU time of the sampler's stages, accumulated by wrapping the dataset's own methods (the
+    real code runs; only the clock is added): matcher calls, crops (cache read + HU window),
+    augmentation, masks (+ packing the sample dict); `other` is the rest of each sample (candidate
+    and partner draws, per-sample generator, Python)."""
 
-    def __init__(self, matcher):
-        self.matcher, self.calls, self.cpu_s = matcher, 0, 0.0
+    NAMES = ("matcher", "crops", "augmentation", "masks")
 
-    def match(self, query_case, key_case, points_mm):
-        c0 = time.process_time()
-        out = self.matcher.match(query_case, key_case, points_mm)
-        self.cpu_s += time.process_time() - c0
-        self.calls += 1
+    def __init__(self, ds):
+        self.cpu_s = dict.fromkeys(self.NAMES, 0.0)
+        self.calls = 0
+        ds._matcher = _Timed(self, "matcher", ds.matcher.match, counted=True)
+        ds._window = _Timed(self, "crops", ds._window)
+        ds._augment = _Timed(self, "augmentation", ds.augment)
+        ds._pack = _Timed(self, "masks", ds._pack)
+
+    def reset(self):
+        self.cpu_s = dict.fromkeys(self.NAMES, 0.0)
+        self.calls = 0
+
+    def ms_per_pair(self, total_cpu_s: float, pairs: int) -> dict:
+        out = {k: 1e3 * v / pairs for k, v in self.cpu_s.items()}
+        out["other"] = 1e3 * total_cpu_s / pairs - sum(out.values())
         return out
+
+
+class _Timed:
+    """A callable that adds its CPU time to one stage of `Stages` (and has `match` for the matcher)."""
+
+    def __init__(self, stages: Stages, name: str, fn, counted: bool = False):
+        self.stages, self.name, self.fn, self.counted = stages, name, fn, counted
+
+    def __call__(self, *args, **kwargs):
+        c0 = time.process_time()
+        out = self.fn(*args, **kwargs)
+        self.stages.cpu_s[self.name] += time.process_time() - c0
+        self.stages.calls += self.counted
+        return out
+
+    match = __call__
 
 
 def _rate(fn, n: int, repeats: int) -> dict:
@@ -152,7 +182,7 @@ def _rate(fn, n: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from alice_ds.data.pairs import PairConfig, PairDataset
+    from alice_ds.data.pairs import PairConfig, PairDataset, tune_worker_allocator
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -173,9 +203,9 @@ def main(argv=None) -> int:
     import torch
 
     from alice_ds.console import console, table
-    from alice_ds.sam.matcher import Matcher
 
     torch.set_num_threads(1)  # per-core rates: one DataLoader worker runs one thread
+    tune_worker_allocator()  # as PairDataset does in each DataLoader worker
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="alice_sampler_bench_"))
     cache, embed = build_data(work, args.num_cases, args.seed, args.spacing)
 
@@ -183,17 +213,19 @@ def main(argv=None) -> int:
     thr = args.score_threshold
     for name, cfg in (("plain", PairConfig(roi=args.roi, rotation=0.0, noise_std=0.0, score_threshold=thr)),
                       ("augmented", PairConfig(roi=args.roi, score_threshold=thr))):
-        timed = TimedMatcher(Matcher(embed, window=cfg.match_window))
-        ds = PairDataset(cache, embed, cfg, seed=args.seed, rank=0, world_size=1, matcher=timed)
+        ds = PairDataset(cache, embed, cfg, seed=args.seed, rank=0, world_size=1)
+        stages = Stages(ds)
         it = iter(ds)
         for _ in range(args.num_cases):  # warm-up: body lists and coarse grids of every case
             next(it)
-        timed.calls, timed.cpu_s = 0, 0.0
+        stages.reset()
         c0 = time.process_time()
         rate = _rate(lambda: next(it), args.pairs, args.repeats)
         total = time.process_time() - c0
-        results[name] = dict(rate=rate, stats=ds.stats(), matcher_ms_per_call=1e3 * timed.cpu_s / timed.calls,
-                             matcher_cpu_fraction=timed.cpu_s / total)
+        n = args.pairs * args.repeats
+        results[name] = dict(rate=rate, stats=ds.stats(), stages_ms_per_pair=stages.ms_per_pair(total, n),
+                             matcher_ms_per_call=1e3 * stages.cpu_s["matcher"] / stages.calls,
+                             matcher_cpu_fraction=stages.cpu_s["matcher"] / total)
 
     base = ReferenceSampler(cache, embed, args.roi, thr, args.seed)
     base_rate = _rate(base.pair, args.baseline_pairs, args.repeats)
@@ -214,6 +246,7 @@ def main(argv=None) -> int:
         "baseline_mean_tries": float(np.mean(base.tries)),
         "matcher_ms_per_call": results["plain"]["matcher_ms_per_call"],
         "matcher_cpu_fraction": {k: results[k]["matcher_cpu_fraction"] for k in results},
+        "stages_ms_per_pair": {k: results[k]["stages_ms_per_pair"] for k in results},
         "rate_unit": "pairs per CPU-second of one single-threaded process (= per core); *_wall: per wall-second",
         "wall": {"ours_pairs_per_s": plain["wall"], "ours_augmented_pairs_per_s": aug["wall"],
                  "baseline_pairs_per_s": base_rate["wall"], "ratio": plain["wall"] / base_rate["wall"]},
@@ -230,9 +263,11 @@ def main(argv=None) -> int:
             ["reference algorithm", base_rate, 1.0]]
     console.print(table("pair sampler, one CPU core", ["sampler", "pairs/CPU-s", "pairs/wall-s", "vs baseline"],
                         [[n, f"{r['cpu']:.3g}", f"{r['wall']:.3g}", f"{x:.1f}x"] for n, r, x in rows]))
+    console.print(table("CPU ms per pair, by stage", ["sampler", *Stages.NAMES, "other"],
+                        [[k, *[f"{v:.1f}" for v in results[k]["stages_ms_per_pair"].values()]] for k in results]))
     console.print(f"acceptance {report['acceptance_rate']:.2f} (per call {report['call_acceptance_rate']:.2f}), "
                   f"mean score {report['mean_score']:.3f}; baseline tries/pair {report['baseline_mean_tries']:.1f}; "
-                  f"matcher {report['matcher_ms_per_call']:.0f} CPU-ms/call "
+                  f"matcher {report['matcher_ms_per_call']:.1f} CPU-ms/call "
                   f"({report['matcher_cpu_fraction']['plain']:.0%} of ours); "
                   f"cases {shapes}")
     if args.json:

@@ -394,3 +394,15 @@ def test_noise_is_seeded_gaussian_of_the_configured_sigma():
     assert torch.equal(view, torch.full_like(view, 0.5))  # the input is left alone
     d = (a - 0.5).flatten()  # 13824 draws; 0.5 +- 5 sigma is never clipped
     assert abs(float(d.mean())) < 0.005 and abs(float(d.std()) - 0.1) < 0.003
+
+
+def test_worker_allocator_tuning_takes_on_glibc():
+    import platform
+
+    from alice_ds.data.pairs import tune_worker_allocator
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert tune_worker_allocator() is True
+        assert tune_worker_allocator() is True  # idempotent
+    else:
+        assert tune_worker_allocator() is False
