@@ -4,8 +4,11 @@ sim(p, q) = (cos_fine(p, q) + cos_coarse(p, q)) / 2. The argmax is found in two 
 coarse grid of the key case (a few thousand voxels, held in memory) gives a coarse argmax; the
 fine grid is then searched only in a window of `window` fine voxels around it, read from a memory
 map of the file (only the window's pages are touched; no fine grid is copied). All query points go
-through one matrix product per step. The reference code instead ran a full-volume search up to 101
-times per training step.
+through one coarse matrix product; each point's window through one matrix-vector product. The
+reference code instead ran a full-volume search up to 101 times per training step.
+
+Cost on one core (benchmark phantoms, oracle embeddings, 32 points): window 8 ≈ 7 ms per call,
+window 20 (`DEFAULT_WINDOW`) ≈ 44 ms; the coarse product over ~15k coarse voxels ≈ 1.3 ms of it.
 """
 
 from __future__ import annotations
