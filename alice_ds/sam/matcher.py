@@ -25,7 +25,8 @@ from alice_ds.sam.geometry import index_to_world, normalized_grid, sample_channe
 from alice_ds.sam.io import EmbeddingFile, open_embedding
 
 DEFAULT_CACHE = 64
-"""Coarse grids kept per process (a 400 mm CT at coarse stride 16 is ~13^3 x 128 fp32 = 1 MB)."""
+"""Coarse grids kept per process (a 400 mm CT at coarse stride 16 is ~13^3 x 128 fp32 = 1 MB, held
+twice: as the grid and as the transposed key matrix)."""
 POINTS_PER_CHUNK = 64
 """Query points per fine search: bounds its [P, W] similarity and index arrays (W = window^3
 voxels; 64 x 8000 x 3 int64 = 12 MB at the default window). The fine windows themselves pass one
