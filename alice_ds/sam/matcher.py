@@ -119,7 +119,10 @@ class Matcher:
         reference SAM does), not the cosine of a trilinearly interpolated, re-normalised coarse
         embedding: one scalar per coarse voxel is interpolated instead of 128 channels. The two
         agree at coarse voxel centres and differ in between by the interpolation of a cosine vs the
-        cosine of an interpolation (the former is slightly lower between dissimilar neighbours)."""
+        cosine of an interpolation (the former is slightly lower between dissimilar neighbours). On
+        the benchmark phantoms (oracle embeddings, 12 case pairs x 32 body points, window 8) scores
+        drop by 0.012 on average (max 0.031), the fraction >= 0.7 stays 0.72, and the match is the
+        same voxel for 74% of the points, 1.2 mm away on average (95th percentile 5.4 mm)."""
         shape = np.asarray(ef.fine_shape)
         size = np.minimum(self.window, shape)  # same window size for every point -> one product
         lo = np.clip(centre.astype(np.int64) - size // 2, 0, shape - size)  # [P, 3]
