@@ -86,7 +86,8 @@ def test_self_match_within_one_fine_voxel(embed_dir):
     interp_norm = sample_channels_last(ef.coarse(), cijk).norm(dim=1).numpy()  # [P]
     np.testing.assert_allclose(scores, (1.0 + interp_norm) / 2, atol=2e-3)  # fp16 storage
     # on the coarse grid the interpolation is exact: score 1, and the match within one fine voxel
-    on_coarse = index_to_world(ef.coarse_affine, np.clip(np.rint(cijk.numpy()), 1, np.asarray(ef.coarse_shape) - 2))
+    inner = np.clip(np.rint(cijk.numpy()), 1, np.asarray(ef.coarse_shape) - 2)  # coarse voxel centres
+    on_coarse = index_to_world(ef.coarse_affine, inner)
     matched, scores = Matcher(embed_dir).match("A_0000", "A_0000", on_coarse)
     assert np.abs(matched - on_coarse).max() <= FINE_MM
     np.testing.assert_allclose(scores, 1.0, atol=2e-3)
