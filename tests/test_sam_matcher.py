@@ -1,6 +1,7 @@
 """Embedding files and the coarse-to-fine matcher, on embeddings that are known functions of world
 position (so the right answer of every match is known), written and read through the real files."""
 
+import copy
 import json
 
 import numpy as np
@@ -65,6 +66,9 @@ def test_file_format_keys_and_lazy_window(embed_dir):
     mapped = ef.fine_map()  # zero-copy view of the file's fine tensor
     assert mapped.dtype == np.float16 and mapped.shape == (35, 32, 40, 128) and not mapped.flags.writeable
     np.testing.assert_array_equal(mapped[3:9, 4:7, 5:40].astype(np.float32), win.numpy())
+    twin = copy.deepcopy(ef)  # as a spawned worker gets it: header only, the map is made anew
+    assert twin._fine_map is None and twin.fine_map() is not mapped
+    np.testing.assert_array_equal(twin.fine_map()[3:9, 4:7, 5:40], mapped[3:9, 4:7, 5:40])
 
 
 def test_self_match_within_one_fine_voxel(embed_dir):

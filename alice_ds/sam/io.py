@@ -99,6 +99,11 @@ class EmbeddingFile:
             self._fine_map = _map_tensor(self.path, "fine")
         return self._fine_map
 
+    def __getstate__(self) -> dict:
+        """Copies (and DataLoader workers started by spawn) map the file anew: a memory map would
+        otherwise travel as a full in-memory copy of the fine grid."""
+        return {**self.__dict__, "_fine_map": None}
+
     def fine_window(self, lo, hi, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Fine-grid box `[lo, hi)` (voxel indices, clipped to the grid) as [wx, wy, wz, 128] of
         `dtype` (float16 = as stored, no conversion)."""
