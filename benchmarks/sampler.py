@@ -13,6 +13,12 @@ Everything runs in one process on one torch thread, so the rates are per CPU cor
 worker); rates are pairs per CPU-second of the process, so other load on the machine slows them
 less than wall time, but still some (shared caches): quote ratios within one run. The CPU time per
 pair is also split by stage (matcher, crops, augmentation, masks, other).
+
+Three sampler settings: without augmentation, augmented in the worker (`augment_on="worker"`), and
+`augment_on="device"` (the worker only draws the augmentation parameters; the trainer applies them
+to the batch with `apply_device_augment`). For the last, the cost of `apply_device_augment` on a
+collated batch is timed on this CPU, one thread (`--device_batch` pairs per call); on a GPU it is one
+batched grid_sample plus per-view noise, off the DataLoader workers.
 """
 
 from __future__ import annotations
@@ -129,7 +135,8 @@ class ReferenceSampler:
 class Stages:
     """CPU time of the sampler's stages, accumulated by wrapping the dataset's own methods (the
     real code runs; only the clock is added): matcher calls, crops (cache read + HU window),
-    augmentation, masks (+ packing the sample dict); `other` is the rest of each sample (candidate
+    augmentation (applying it, or only drawing its parameters with augment_on="device"), masks
+    (+ packing the sample dict); `other` is the rest of each sample (candidate
     and partner draws, per-sample generator, Python)."""
 
     NAMES = ("matcher", "crops", "augmentation", "masks")
@@ -139,7 +146,7 @@ class Stages:
         self.calls = 0
         ds._matcher = _Timed(self, "matcher", ds.matcher.match, counted=True)
         ds._window = _Timed(self, "crops", ds._window)
-        ds._augment = _Timed(self, "augmentation", ds.augment)
+        ds._augmented = _Timed(self, "augmentation", ds._augmented)
         ds._pack = _Timed(self, "masks", ds._pack)
 
     def reset(self):
@@ -182,7 +189,7 @@ def _rate(fn, n: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from alice_ds.data.pairs import PairConfig, PairDataset, tune_worker_allocator
+    from alice_ds.data.pairs import PairConfig, PairDataset, apply_device_augment, tune_worker_allocator
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -194,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=40, help="pairs per timed repeat of our sampler")
     ap.add_argument("--baseline_pairs", type=int, default=3, help="pairs per timed repeat of the baseline")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    ap.add_argument("--device_batch", type=int, default=8,
+                    help="pairs per apply_device_augment call (augment_on='device'), timed on this CPU")
     ap.add_argument("--seed", type=int, default=0, help="phantom and sampling seed")
     ap.add_argument("--score_threshold", type=float, default=PairConfig.score_threshold,
                     help="acceptance threshold for both samplers; oracle embeddings score ~1 at a true "
@@ -201,6 +210,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    from torch.utils.data import default_collate
 
     from alice_ds.console import console, table
 
@@ -212,7 +222,8 @@ def main(argv=None) -> int:
     results = {}
     thr = args.score_threshold
     for name, cfg in (("plain", PairConfig(roi=args.roi, rotation=0.0, noise_std=0.0, score_threshold=thr)),
-                      ("augmented", PairConfig(roi=args.roi, score_threshold=thr))):
+                      ("augmented", PairConfig(roi=args.roi, score_threshold=thr)),
+                      ("device_aug", PairConfig(roi=args.roi, score_threshold=thr, augment_on="device"))):
         ds = PairDataset(cache, embed, cfg, seed=args.seed, rank=0, world_size=1)
         stages = Stages(ds)
         it = iter(ds)
@@ -226,6 +237,10 @@ def main(argv=None) -> int:
         results[name] = dict(rate=rate, stats=ds.stats(), stages_ms_per_pair=stages.ms_per_pair(total, n),
                              matcher_ms_per_call=1e3 * stages.cpu_s["matcher"] / stages.calls,
                              matcher_cpu_fraction=stages.cpu_s["matcher"] / total)
+    batch = default_collate([next(it) for _ in range(args.device_batch)])  # it: the augment_on="device" stream
+    apply_device_augment(batch)  # warm-up
+    device_aug = _rate(lambda: apply_device_augment(batch), 1, args.repeats)
+    device_aug_ms = 1e3 / (device_aug["cpu"] * args.device_batch)  # CPU ms per pair (two views)
 
     base = ReferenceSampler(cache, embed, args.roi, thr, args.seed)
     base_rate = _rate(base.pair, args.baseline_pairs, args.repeats)
@@ -233,13 +248,18 @@ def main(argv=None) -> int:
     from alice_ds.data.cache import open_case
     shapes = [list(open_case(cache, c).shape) for c in base.cases]
     stats = results["plain"]["stats"]
-    plain, aug = results["plain"]["rate"], results["augmented"]["rate"]
+    plain, aug, dev = results["plain"]["rate"], results["augmented"]["rate"], results["device_aug"]["rate"]
     report = {
         "ours_pairs_per_s": plain["cpu"],
         "ours_augmented_pairs_per_s": aug["cpu"],
         "baseline_pairs_per_s": base_rate["cpu"],
         "ratio": plain["cpu"] / base_rate["cpu"],
         "ratio_augmented": aug["cpu"] / base_rate["cpu"],
+        "ours_device_aug_pairs_per_s": dev["cpu"],
+        "ratio_device_aug": dev["cpu"] / base_rate["cpu"],
+        "device_augment_cpu_ms_per_pair": device_aug_ms,
+        "device_augment_note": (f"apply_device_augment on a collated batch of {args.device_batch} pairs, this CPU, "
+                                "one thread; on a GPU the same call is one batched grid_sample + per-view noise"),
         "acceptance_rate": stats["acceptance_rate"],
         "call_acceptance_rate": stats["call_acceptance_rate"],
         "mean_score": stats["mean_score"],
@@ -249,17 +269,20 @@ def main(argv=None) -> int:
         "stages_ms_per_pair": {k: results[k]["stages_ms_per_pair"] for k in results},
         "rate_unit": "pairs per CPU-second of one single-threaded process (= per core); *_wall: per wall-second",
         "wall": {"ours_pairs_per_s": plain["wall"], "ours_augmented_pairs_per_s": aug["wall"],
+                 "ours_device_aug_pairs_per_s": dev["wall"],
                  "baseline_pairs_per_s": base_rate["wall"], "ratio": plain["wall"] / base_rate["wall"]},
-        "runs": {"ours": plain, "ours_augmented": aug, "baseline": base_rate},
+        "runs": {"ours": plain, "ours_augmented": aug, "ours_device_aug": dev, "baseline": base_rate,
+                 "device_augment_batches": device_aug},
         "config": {"roi": args.roi, "spacing_mm": args.spacing, "num_cases": args.num_cases,
                    "case_shapes": shapes, "pairs": args.pairs, "baseline_pairs": args.baseline_pairs,
-                   "repeats": args.repeats, "torch_threads": 1,
+                   "repeats": args.repeats, "device_batch": args.device_batch, "torch_threads": 1,
                    "sampler": PairConfig(roi=args.roi, score_threshold=thr).__dict__},
         "device": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                    "torch": torch.__version__, "numpy": np.__version__},
     }
     rows = [["ours (pairing + crops + masks)", plain, plain["cpu"] / base_rate["cpu"]],
             ["ours + augmentation", aug, aug["cpu"] / base_rate["cpu"]],
+            ["ours, augmentation drawn (augment_on=device)", dev, dev["cpu"] / base_rate["cpu"]],
             ["reference algorithm", base_rate, 1.0]]
     console.print(table("pair sampler, one CPU core", ["sampler", "pairs/CPU-s", "pairs/wall-s", "vs baseline"],
                         [[n, f"{r['cpu']:.3g}", f"{r['wall']:.3g}", f"{x:.1f}x"] for n, r, x in rows]))
@@ -270,6 +293,10 @@ def main(argv=None) -> int:
                   f"matcher {report['matcher_ms_per_call']:.1f} CPU-ms/call "
                   f"({report['matcher_cpu_fraction']['plain']:.0%} of ours); "
                   f"cases {shapes}")
+    console.print(f"augment_on=device: the trainer's apply_device_augment costs {device_aug_ms:.1f} CPU-ms per pair "
+                  f"on this CPU (batch {args.device_batch}, one thread; worker-side augmentation "
+                  f"{results['augmented']['stages_ms_per_pair']['augmentation']:.1f}); on a GPU it is one batched "
+                  "grid_sample + per-view noise")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str))
     return 0

@@ -12,7 +12,7 @@ import torch
 
 from alice_ds.data.cache import hu_window
 from alice_ds.data.oracle import write_oracle_embedding
-from alice_ds.data.pairs import PairConfig, PairDataset, PairLoader
+from alice_ds.data.pairs import PairConfig, PairDataset, PairLoader, apply_device_augment
 from alice_ds.errors import DataError
 from alice_ds.sam.io import embedding_path
 
@@ -247,7 +247,7 @@ def test_stale_embedding_grid_is_detected(cohort, tmp_path):
 
 @pytest.mark.parametrize("field,value", [("roi", 48), ("mask_ratio", 1.2), ("mask_block", 5),
                                          ("score_threshold", 2.0), ("hu_window", (200, 100)),
-                                         ("num_candidates", 0)])
+                                         ("num_candidates", 0), ("augment_on", "gpu")])
 def test_config_errors_name_the_value(field, value):
     with pytest.raises(ValueError, match=field):
         PairConfig(**{field: value})
@@ -406,3 +406,52 @@ def test_worker_allocator_tuning_takes_on_glibc():
         assert tune_worker_allocator() is True  # idempotent
     else:
         assert tune_worker_allocator() is False
+
+
+AUG = dict(roi=32, rotation=15.0, rotation_prob=0.7, noise_std=0.1, intensity_scale=0.1, intensity_shift=0.05)
+PARAMS = {f"{v}_aug_{k}" for v in ("query", "anchor") for k in ("rot", "noise_seed", "noise_std", "scale", "shift")}
+
+
+def _batch(cohort, embed, n=4, **cfg):
+    ds = _dataset(cohort, embed=embed, **AUG, **cfg)
+    return next(iter(PairLoader(ds, batch_size=n)))
+
+
+@pytest.mark.parametrize("embed", [True, False], ids=["inter", "intra"])
+def test_device_augmentation_equals_worker_augmentation(cohort, embed):
+    """augment_on="device" draws what the worker path draws: after `apply_device_augment` (here on
+    the CPU, where the noise generator is the worker's) the views equal the worker's, and every
+    other field (masks, centres, cases) is the same."""
+    worker = _batch(cohort, embed)
+    raw = _batch(cohort, embed, augment_on="device")
+    assert not PARAMS & set(worker) and PARAMS <= set(raw)
+    assert raw["query_aug_rot"].shape == (4, 3, 3) and raw["query_aug_noise_seed"].dtype == torch.int64
+    rots = torch.cat([raw["query_aug_rot"], raw["anchor_aug_rot"]])  # [8, 3, 3]
+    rotated = (rots != torch.eye(3, dtype=torch.float64)).flatten(1).any(1)  # [8]
+    assert 0 < int(rotated.sum()) < 8  # rotation_prob 0.7: a batch with and without rotated views
+    got = apply_device_augment(raw)
+    assert set(got) == set(worker)
+    for k in worker:
+        if k in ("query", "anchor"):
+            torch.testing.assert_close(got[k], worker[k], atol=1e-5, rtol=0)
+            assert (got[k] - raw[k]).abs().mean() > 0.03  # augmented, from the un-augmented crop
+        elif isinstance(worker[k], torch.Tensor):
+            assert torch.equal(got[k], worker[k]), k
+        else:
+            assert got[k] == worker[k], k
+    assert all(x == ("inter" if embed else "intra") for x in got["kind"])
+    if not embed:  # intra: one crop shipped twice, two different views on the device
+        assert torch.equal(raw["query"], raw["anchor"])
+        assert (got["query"] - got["anchor"]).abs().mean() > 0.05
+
+
+def test_device_augmentation_is_reproducible_and_needs_its_keys(cohort):
+    a = apply_device_augment(_batch(cohort, False, n=2, augment_on="device"))
+    b = apply_device_augment(_batch(cohort, False, n=2, augment_on="device"))
+    assert torch.equal(a["query"], b["query"]) and torch.equal(a["anchor"], b["anchor"])
+    other = PairDataset(cohort["cache"], None, PairConfig(**AUG, augment_on="device"), seed=1, rank=0,
+                        world_size=1)
+    c = apply_device_augment(next(iter(PairLoader(other, batch_size=2))))
+    assert not torch.equal(a["query"], c["query"])
+    with pytest.raises(ValueError, match="augment_on='device'"):
+        apply_device_augment(_batch(cohort, False, n=2))

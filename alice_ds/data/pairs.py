@@ -8,6 +8,11 @@ candidate reaches the threshold, a new partner and new candidates are tried, up 
 times; then the sample falls back to *intra*: two augmentations of one crop of A (counted).
 `embed_dir=None` makes every sample intra (ablations, smoke tests of the engine).
 
+Augmentation runs where `PairConfig.augment_on` says: in the worker (each view augmented on the CPU,
+~28 ms of one core per 96^3 view) or on the training device: the worker draws the same parameters
+from the same generator and ships them with the un-augmented crops; the trainer calls
+`apply_device_augment(batch)` once the batch is on its device (one batched `grid_sample`).
+
 Reproducibility. Sample n of rank r's stream (n counts from 0 over all epochs) is a pure function of
 (seed, r, n) and the data: its query case comes from a per-epoch permutation seeded by (seed, epoch),
 every random draw (candidates, partner, augmentation, masks) from a generator seeded by
@@ -34,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alice_ds import dist
 from alice_ds.console import progress, warn
-from alice_ds.data.augment import ViewAugment
+from alice_ds.data.augment import PARAM_KEYS, ViewAugment, augment_batch
 from alice_ds.data.cache import AIR_HU, hu_window, list_cases, open_case
 from alice_ds.data.masks import block_mask
 from alice_ds.errors import DataError, UserError
@@ -49,6 +54,10 @@ OPEN_CASES = 64
 WORKER_MMAP_THRESHOLD = 256 * 2**20
 """Bytes: in a worker, glibc serves allocations below this from the heap and keeps freed memory
 (see `tune_worker_allocator`)."""
+AUGMENT_ON = ("worker", "device")
+"""Where the view augmentation runs (`PairConfig.augment_on`)."""
+VIEWS = ("query", "anchor")
+"""The two views of a sample (keys of their crops; prefixes of their masks, centres and parameters)."""
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter ids (malloc.h)
 _allocator_tuned = False
 
@@ -94,6 +103,13 @@ class PairConfig:
     """Random intensity scale `v * (1 + f)`, f ~ U(±intensity_scale) (0 disables)."""
     intensity_shift: float = 0.0
     """Random intensity shift `v + o`, o ~ U(±intensity_shift) on the [0, 1] scale (0 disables)."""
+    augment_on: str = "worker"
+    """Where rotation, noise and intensity are applied. "worker": in the DataLoader worker, the
+    sample's views are augmented (~28 ms of one core per 96^3 view, ~15 pairs per CPU-s).
+    "device": the worker only draws the parameters (same generator, same order, so masks and every
+    other draw are unchanged) and the sample carries the un-augmented crops plus `<view>_aug_*`
+    tensors; the trainer must call `apply_device_augment(batch)` after moving the batch to its
+    device. Same views as "worker" on the CPU; on CUDA other noise values (see `augment_batch`)."""
     body_stride: int = 4
     """Step of the coarse grid on which a case's body points are listed (read once per worker)."""
     body_points: int = 4096
@@ -124,6 +140,7 @@ class PairConfig:
             (self.noise_std >= 0.0, f"noise_std must be >= 0, got {self.noise_std}"),
             (0.0 <= self.intensity_scale < 1.0, f"intensity_scale must be in [0, 1), got {self.intensity_scale}"),
             (self.intensity_shift >= 0.0, f"intensity_shift must be >= 0, got {self.intensity_shift}"),
+            (self.augment_on in AUGMENT_ON, f"augment_on must be one of {AUGMENT_ON}, got {self.augment_on!r}"),
             (self.body_stride >= 1, f"body_stride must be >= 1, got {self.body_stride}"),
             (self.body_points >= 1, f"body_points must be >= 1, got {self.body_points}"),
             (self.samples_per_case >= 1, f"samples_per_case must be >= 1, got {self.samples_per_case}"),
@@ -168,6 +185,12 @@ class PairDataset(IterableDataset):
     anatomy); `query_center_mm`, `anchor_center_mm` float64 [3] (world mm of the crops' centre
     voxels); `query_case`, `anchor_case` str; `kind` "inter" | "intra"; `tries` int (matcher calls
     made for the sample, 0 without embeddings); `index` int (position in the rank's stream).
+
+    With `config.augment_on="device"`, `query`/`anchor` are the un-augmented crops and each view's
+    drawn augmentation comes along (`alice_ds.data.augment.AugmentParams`): `<view>_aug_rot`
+    float64 [3, 3] (identity = not rotated), `<view>_aug_noise_seed` int64, `<view>_aug_noise_std`,
+    `<view>_aug_scale`, `<view>_aug_shift` float64 (0 = off), for view in query, anchor;
+    `apply_device_augment` turns a collated batch of these into augmented views.
 
     `cases` restricts the sampler to those ids (a datalist split); `rank`/`world_size` default to
     the process group; `epochs=None` streams forever; `matcher` is anything with the
@@ -344,8 +367,8 @@ class PairDataset(IterableDataset):
         kb = self._case(case_b)
         q_center = _snap(qa, points[best])
         a_center = _snap(kb, matched[best])
-        query = self._view(qa, q_center, rng)
-        anchor = self._view(kb, a_center, rng)
+        query = self._augmented(self._window(qa, q_center), rng)
+        anchor = self._augmented(self._window(kb, a_center), rng)
         return self._pack(query, anchor, q_center, a_center, case_a, case_b, float(scores[best]),
                           "inter", tries, rng, index)
 
@@ -354,8 +377,8 @@ class PairDataset(IterableDataset):
         qa = self._case(case_a)
         center = _snap(qa, point_mm)
         crop = self._window(qa, center)
-        query = self.augment(crop, rng)
-        anchor = self.augment(crop.clone(), rng)  # two tensors even when augmentation is off
+        query = self._augmented(crop, rng)
+        anchor = self._augmented(crop.clone(), rng)  # two tensors even when augmentation is off
         return self._pack(query, anchor, center, center, case_a, case_a, 1.0, "intra", tries, rng, index)
 
     def _window(self, case, center_mm: np.ndarray) -> torch.Tensor:
@@ -364,8 +387,11 @@ class PairDataset(IterableDataset):
         lo, hi = self.config.hu_window
         return torch.from_numpy(hu_window(crop, lo, hi))[None]  # [R, R, R] -> [1, R, R, R]
 
-    def _view(self, case, center_mm: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        return self.augment(self._window(case, center_mm), rng)
+    def _augmented(self, crop: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, dict | None]:
+        """(view, None) augmented here, or (crop, drawn parameters) for `augment_on="device"`."""
+        if self.config.augment_on == "device":
+            return crop, self.augment.draw(rng)
+        return self.augment(crop, rng), None
 
     @property
     def augment(self) -> ViewAugment:
@@ -376,10 +402,13 @@ class PairDataset(IterableDataset):
         return self._augment
 
     def _pack(self, query, anchor, q_center, a_center, case_a, case_b, score, kind, tries, rng, index) -> dict:
+        """query, anchor: (view, parameters or None) from `_augmented`."""
         c = self.config
         block = c.mask_block // c.patch_size  # mask block edge in tokens
+        params = {f"{v}_aug_{k}": t for v, (_, p) in zip(VIEWS, (query, anchor)) if p is not None
+                  for k, t in p.items()}
         return {
-            "query": query, "anchor": anchor,
+            "query": query[0], "anchor": anchor[0], **params,
             "query_mask": torch.from_numpy(block_mask(c.grid, c.mask_ratio, block, rng)),
             "anchor_mask": torch.from_numpy(block_mask(c.grid, c.mask_ratio, block, rng)),
             "score": score,
@@ -488,6 +517,24 @@ def tune_worker_allocator() -> bool:
             ok = False
         _allocator_tuned = ok
     return _allocator_tuned
+
+
+def apply_device_augment(batch: dict) -> dict:
+    """A collated batch of `augment_on="device"` samples, already on the training device -> the
+    same dict with `query`/`anchor` augmented there (`augment_batch`: one batched grid_sample, noise
+    from per-view device generators) and the `<view>_aug_*` keys removed. The one call the trainer
+    makes between moving the batch and the forward; an error when the keys are absent (a
+    sampler with `augment_on="worker"` already augmented its views)."""
+    out = dict(batch)
+    for v in VIEWS:
+        keys = [f"{v}_aug_{k}" for k in PARAM_KEYS]
+        missing = [k for k in keys if k not in out]
+        if missing:
+            raise ValueError(f"apply_device_augment: batch lacks {missing}; it needs a PairDataset with "
+                             f"augment_on='device' (keys present: {sorted(batch)})")
+        params = {k: out.pop(f"{v}_aug_{k}") for k in PARAM_KEYS}
+        out[v] = augment_batch(out[v], params)
+    return out
 
 
 def _snap(case, point_mm) -> np.ndarray:
