@@ -82,6 +82,12 @@ def _rotate_by(view: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return out[0]  # [1, 1, X, Y, Z] -> [1, X, Y, Z]
 
 
+def _reseed(transform, seed: int) -> None:
+    """`transform.set_random_state(seed=seed)` in place: re-seeding its RandomState gives the same
+    stream as MONAI's new `RandomState(seed)`, at 1.5 us instead of 92 us (MT19937's init)."""
+    transform.R.seed(seed)
+
+
 class ViewAugment:
     """Random rotation (uniform in ±`rotation_deg` about each axis, applied with probability
     `rotation_prob`, bilinear, zero = bottom of the HU window outside the crop), Gaussian noise of
@@ -103,6 +109,9 @@ class ViewAugment:
         self.noise_std = float(noise_std)
         self.scale = RandScaleIntensity(factors=intensity_scale, prob=1.0) if intensity_scale > 0 else None
         self.shift = RandShiftIntensity(offsets=intensity_shift, prob=1.0) if intensity_shift > 0 else None
+        for t in (self.rotation, self.scale, self.shift):
+            if t is not None:  # an own RandomState (MONAI's default `R` is shared by all instances)
+                t.set_random_state(seed=0)
 
     def draw(self, rng: np.random.Generator) -> AugmentParams:
         """One view's parameters (`AugmentParams`), drawn from `rng`: one seed per enabled transform,
@@ -110,18 +119,18 @@ class ViewAugment:
         MONAI's random transforms from their seeds."""
         rot = torch.eye(3, dtype=torch.float64)
         if self.rotation is not None:
-            self.rotation.set_random_state(seed=int(rng.integers(SEED_LIMIT)))
+            _reseed(self.rotation, int(rng.integers(SEED_LIMIT)))
             self.rotation.randomize(None)
             if self.rotation._do_transform:
                 rot = _rotation_matrix((self.rotation.x, self.rotation.y, self.rotation.z))
         seed = int(rng.integers(SEED_LIMIT)) if self.noise_std > 0 else 0
         factor = offset = 0.0
         if self.scale is not None:
-            self.scale.set_random_state(seed=int(rng.integers(SEED_LIMIT)))
+            _reseed(self.scale, int(rng.integers(SEED_LIMIT)))
             self.scale.randomize(None)
             factor = float(self.scale.factor)
         if self.shift is not None:
-            self.shift.set_random_state(seed=int(rng.integers(SEED_LIMIT)))
+            _reseed(self.shift, int(rng.integers(SEED_LIMIT)))
             self.shift.randomize(None)
             offset = float(self.shift._offset)
         f64 = dict(dtype=torch.float64)

@@ -523,8 +523,10 @@ def apply_device_augment(batch: dict) -> dict:
     """A collated batch of `augment_on="device"` samples, already on the training device -> the
     same dict with `query`/`anchor` augmented there (`augment_batch`: one batched grid_sample, noise
     from per-view device generators) and the `<view>_aug_*` keys removed. The one call the trainer
-    makes between moving the batch and the forward; an error when the keys are absent (a
-    sampler with `augment_on="worker"` already augmented its views)."""
+    makes between moving the batch and the forward, before any cast of the batch to a lower
+    precision (`rot` is float64; a bf16 rotation matrix moves edge voxels by ~0.1 voxel at 96^3); an
+    error when the keys are absent (a sampler with `augment_on="worker"` already augmented its
+    views)."""
     out = dict(batch)
     for v in VIEWS:
         keys = [f"{v}_aug_{k}" for k in PARAM_KEYS]
