@@ -13,6 +13,7 @@ from alice_ds.sam.crops import View, body_voxels, positive_pairs, resample, view
 from alice_ds.sam.geometry import index_to_world, sample_channels_first
 from alice_ds.sam.loss import sam_loss
 from alice_ds.sam.network import SAMNet, scale_hu
+from alice_ds.sam.train import StepViews
 
 ROI = 32
 WIDTH = 0.125
@@ -56,6 +57,56 @@ def test_view_pair_scales_and_overlap(phantom_cache):
             spacing = np.diag(v.affine)[:3]
             assert np.all((spacing >= 1.6 - 1e-9) & (spacing <= 2.4 + 1e-9)) and np.ptp(spacing) < 1e-9
         assert len(positive_pairs(v1, v2, (ROI // 2,) * 3, 100, rng)[0]) > 0
+
+
+def test_separable_resample_matches_grid_sample(phantom_cache):
+    """Axis-aligned grids take the separable path; an affine with a negligible off-diagonal term takes
+    grid_sample. Both agree to float precision, also where the grid leaves the volume (pad)."""
+    case = open_case(phantom_cache, list_cases(phantom_cache)[0])
+    body = body_voxels(case.array)
+    lowest = index_to_world(case.affine, body[[np.argmin(body[:, 2])]] + [0.3, -0.7, 0.4])[0]
+    for scale in (0.8, 1.13):  # views centred on the lowest body slice reach below the volume
+        aff = view_affine(case.affine, lowest, ROI, 2.0 * scale)
+        tilted = aff.copy()
+        tilted[0, 1] = 1e-7
+        fast = resample(case.array, case.affine, aff, (ROI,) * 3)
+        ref = resample(case.array, case.affine, tilted, (ROI,) * 3)
+        assert fast.shape == (ROI,) * 3
+        assert (fast == -1024).any() and (fast > -500).any()  # both padding and body in the view
+        torch.testing.assert_close(fast, ref, rtol=0, atol=0.05)
+
+
+def test_step_views_are_a_function_of_the_step(phantom_cache):
+    """What makes the DataLoader worker and exact resume possible: a fresh StepViews gives the same
+    views for the same step, and different views for another step."""
+    ids = list_cases(phantom_cache)[:2]
+    make = lambda: StepViews(phantom_cache, ids, ROI, SPACING, 2, 2, True, 7, 10)  # noqa: E731
+    x, pairs, cases = make()[3]
+    assert x.shape == (8, 1, ROI, ROI, ROI) and len(pairs) == 4 and cases.shape == (4,)
+    assert cases[0] == cases[1] and cases[2] == cases[3]  # pairs_per_case pairs of one case in a row
+    x2, pairs2, _ = make()[3]
+    torch.testing.assert_close(x, x2, rtol=0, atol=0)
+    np.testing.assert_array_equal(pairs[1][1].affine, pairs2[1][1].affine)
+    assert not torch.equal(make()[4][0], x)
+
+
+def test_coarse_negatives_of_other_cases_only_with_the_flag(phantom_cache):
+    """Coarse embeddings constant per case: e for case 0, +e or -e for case 1. Without cross-case
+    negatives the loss cannot see which; with them, +e (other case identical) costs more."""
+    case = open_case(phantom_cache, list_cases(phantom_cache)[0])
+    rng = np.random.default_rng(0)
+    pairs = [view_pair(case.array, case.affine, ROI, rng, spacing_mm=SPACING) for _ in range(2)]
+    torch.manual_seed(0)
+    fine = torch.nn.functional.normalize(torch.randn(4, 128, ROI // 2, ROI // 2, ROI // 2), dim=1)
+    e = torch.nn.functional.normalize(torch.randn(128), dim=0)[None, :, None, None, None]
+    c = ROI // 16
+
+    def coarse_loss(sign: float, cross: bool) -> float:
+        coarse = torch.cat([e.expand(2, 128, c, c, c), sign * e.expand(2, 128, c, c, c)])
+        return float(sam_loss(fine, coarse, pairs, np.random.default_rng(1), [0, 1], cross)["coarse"])
+
+    assert coarse_loss(1.0, False) == coarse_loss(-1.0, False)
+    assert coarse_loss(1.0, True) > coarse_loss(-1.0, True) + 0.5
 
 
 def test_loss_decreases_on_phantoms(phantom_cache):

@@ -28,6 +28,10 @@ MAX_NOISE_HU = 40.0
 """Gaussian noise sigma drawn in [0, MAX_NOISE_HU] per view."""
 MAX_BLUR_VOXELS = 1.0
 """Gaussian blur sigma drawn in [0, MAX_BLUR_VOXELS] per view (voxels of the view)."""
+INTENSITY_SCALE = 0.15
+"""With intensity augmentation: HU -> HU x U(1 -/+ this) + U(-/+ INTENSITY_SHIFT_HU) per view, so that
+the embedding cannot key on a subject's contrast phase or calibration."""
+INTENSITY_SHIFT_HU = 40.0
 MAX_SHIFT_FRACTION = 0.35
 """Centre of view 2 = centre of view 1 + up to this fraction of the view edge per axis: overlap stays
 at least 30% per axis."""
@@ -74,8 +78,11 @@ def resample(array, case_affine, out_affine, out_shape, pad: float = PAD_HU) -> 
     if np.any(hi - lo < 1):
         return torch.full(out_shape, pad)
     slab = torch.from_numpy(np.asarray(array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32))
-    # index of every output voxel in slab coordinates (separable: the grids share axes)
-    o2c = np.linalg.inv(case_affine) @ out_affine
+    o2c = np.linalg.inv(case_affine) @ out_affine  # output voxel -> cache voxel
+    if np.allclose(o2c[:3, :3], np.diag(np.diag(o2c[:3, :3])), atol=1e-9):
+        # the grids share axes (every SAM grid does): trilinear = three 1-D linear interpolations
+        return _resample_separable(slab, np.diag(o2c[:3, :3]), o2c[:3, 3] - lo, out_shape, pad)
+    # general case: index of every output voxel in slab coordinates, grid_sample
     axes = [np.arange(s) for s in out_shape]
     ijk = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3) @ o2c[:3, :3].T + o2c[:3, 3] - lo
     g = normalized_grid(torch.from_numpy(ijk).float(), slab.shape).view(1, *out_shape, 3)
@@ -84,6 +91,21 @@ def resample(array, case_affine, out_affine, out_shape, pad: float = PAD_HU) -> 
     inside = F.grid_sample((slab - pad)[None, None], g, mode="bilinear", padding_mode="zeros",
                            align_corners=True)
     return inside[0, 0] + pad
+
+
+def _resample_separable(slab: torch.Tensor, step, offset, out_shape, pad: float) -> torch.Tensor:
+    """Trilinear resample of slab [X, Y, Z] at index `offset[a] + step[a] * j` along each axis a
+    (j = 0 .. out_shape[a] - 1), one 1-D linear interpolation per axis: O(output) instead of
+    grid_sample's 8 gathers per voxel. Same values as the grid_sample path: outside the slab reads
+    `pad`, blending linearly over the last voxel. -> float32 [X', Y', Z']."""
+    v = F.pad(slab - pad, (1, 1, 1, 1, 1, 1))  # zero (= pad) border: [X + 2, Y + 2, Z + 2]
+    for axis in range(3):
+        n_src = v.shape[axis]
+        c = torch.from_numpy(offset[axis] + 1 + step[axis] * np.arange(out_shape[axis])).clamp(0, n_src - 1)
+        i0 = c.floor().long().clamp(max=n_src - 2)
+        w = (c - i0).float().view([-1 if a == axis else 1 for a in range(3)])
+        v = torch.lerp(v.index_select(axis, i0), v.index_select(axis, i0 + 1), w)
+    return v + pad
 
 
 def gaussian_blur(vol: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -133,25 +155,30 @@ def body_points(body: np.ndarray, affine, rng: np.random.Generator, n: int) -> n
 
 
 def augmented_view(array, affine, center_mm, size: int, rng: np.random.Generator,
-                   spacing_mm: float = SAM_SPACING_MM) -> View:
-    """A view of `size`^3 voxels at `spacing_mm` x U(SCALE_RANGE), blurred and noised (HU)."""
+                   spacing_mm: float = SAM_SPACING_MM, intensity: bool = False) -> View:
+    """A view of `size`^3 voxels at `spacing_mm` x U(SCALE_RANGE), blurred and noised (HU);
+    `intensity`: also a random linear HU transform (INTENSITY_SCALE, INTENSITY_SHIFT_HU)."""
     scale = rng.uniform(*SCALE_RANGE)
     aff = view_affine(affine, center_mm, size, spacing_mm * scale)
     hu = resample(array, affine, aff, (size,) * 3)
     hu = gaussian_blur(hu, rng.uniform(0, MAX_BLUR_VOXELS))
     noise = torch.from_numpy(rng.standard_normal(hu.shape).astype(np.float32))
-    return View(hu + noise * rng.uniform(0, MAX_NOISE_HU), aff)
+    hu = hu + noise * rng.uniform(0, MAX_NOISE_HU)
+    if intensity:
+        hu = hu * rng.uniform(1 - INTENSITY_SCALE, 1 + INTENSITY_SCALE) + rng.uniform(-INTENSITY_SHIFT_HU,
+                                                                                      INTENSITY_SHIFT_HU)
+    return View(hu, aff)
 
 
 def view_pair(array, affine, size: int, rng: np.random.Generator, body: np.ndarray | None = None,
-              spacing_mm: float = SAM_SPACING_MM) -> tuple[View, View]:
+              spacing_mm: float = SAM_SPACING_MM, intensity: bool = False) -> tuple[View, View]:
     """Two overlapping augmented views of one case around a random body point (`body`: the case's
     body_voxels, computed here when not given)."""
     c1 = body_points(body if body is not None else body_voxels(array), affine, rng, 1)[0]
     extent = size * spacing_mm
     c2 = c1 + unit_axes(affine) @ rng.uniform(-MAX_SHIFT_FRACTION, MAX_SHIFT_FRACTION, 3) * extent
-    return (augmented_view(array, affine, c1, size, rng, spacing_mm),
-            augmented_view(array, affine, c2, size, rng, spacing_mm))
+    return (augmented_view(array, affine, c1, size, rng, spacing_mm, intensity),
+            augmented_view(array, affine, c2, size, rng, spacing_mm, intensity))
 
 
 def positive_pairs(v1: View, v2: View, fine_shape, n: int,

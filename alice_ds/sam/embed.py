@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import time
 
-DEFAULT_TILE = 160
-"""Tile edge in SAM-grid voxels (320 mm at 2 mm): a typical abdomen or chest fits in one or two tiles."""
+DEFAULT_TILE = 224
+"""Tile edge in SAM-grid voxels (448 mm at 2 mm): the cross-section of a CT fits in one tile, so
+only long scans are tiled (along z); smaller tiles recompute the overlaps (160: 2.4x the time of
+224 on a 200^3 case)."""
 DEFAULT_OVERLAP = 64
 """Tile overlap in SAM-grid voxels: 32 voxels (64 mm) of context on each side of an inner seam."""
 
@@ -29,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tile edge in SAM-grid voxels (multiple of 32); lower it when memory is short")
     p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
                    help="overlap between tiles in SAM-grid voxels (multiple of 32, < tile)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads with --workers 1 (on a shared CPU, 1 avoids threads "
+                        "waiting for each other)")
     p.add_argument("--force", action="store_true", help="re-embed cases whose file already exists")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
@@ -150,6 +155,8 @@ def run(args) -> int:
         raise UserError(f"--overlap must be a multiple of {TILE_ALIGN} in [0, --tile), got {args.overlap}")
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, model_id = load_model(args.sam_checkpoint, device)
     Path(args.embed_dir).mkdir(parents=True, exist_ok=True)
@@ -163,6 +170,7 @@ def run(args) -> int:
     with progress() as bar:
         task = bar.add_task("embed", total=len(todo))
         if args.workers == 1 or len(todo) <= 1:
+            torch.set_num_threads(args.threads)
             _WORKER.update(model=model, model_id=model_id, job=job)
             results = map(_worker_embed, todo)
             pool = None

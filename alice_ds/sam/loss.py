@@ -5,8 +5,10 @@ of one volume that sit at the same world position.
   the same world point (trilinear), negatives = the hardest of N_CANDIDATES random view-2 voxels by
   (fine + coarse) similarity, excluding those within FINE_EXCLUDE_MM of the positive;
 - coarse: query = coarse embedding of view 1 at the point, positive = coarse embedding of view 2
-  there, negatives = view-2 coarse voxels farther than COARSE_POSITIVE_MM plus every coarse voxel
-  of the other volumes of the batch.
+  there, negatives = every coarse voxel of every view *of the same case* in the batch farther than
+  COARSE_POSITIVE_MM from the point (several view pairs per case teach position across the whole
+  body), plus, with `cross_case`, every coarse voxel of the other cases' views (the reference's
+  choice; on phantoms it teaches the coarse embedding to tell subjects apart, see README).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ COARSE_POSITIVE_MM = 25.0
 """Coarse voxels within this distance count as positives (not negatives), as in the reference."""
 
 
-def _info_nce(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+def _info_nce(pos: torch.Tensor, neg: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean InfoNCE of positive logits [P] against negative logits [P, K] (-inf = excluded)."""
-    logits = torch.cat([pos[:, None], neg], 1) / TEMPERATURE  # [P, 1 + K]
+    logits = torch.cat([pos[:, None], neg], 1) / temperature  # [P, 1 + K]
     return (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
 
 
@@ -43,11 +45,19 @@ def _coarse_world(view: View, shape) -> np.ndarray:
 
 
 def sam_loss(fine: torch.Tensor, coarse: torch.Tensor, pairs: list[tuple[View, View]],
-             rng: np.random.Generator) -> dict[str, torch.Tensor]:
+             rng: np.random.Generator, cases=None, cross_case: bool = False,
+             temperature: float = TEMPERATURE) -> dict[str, torch.Tensor]:
     """fine [2B, C, Xf, Yf, Zf], coarse [2B, C, Xc, Yc, Zc] for views ordered (a1, b1, a2, b2, ...)
-    of `pairs`. -> {"loss", "fine", "coarse"} (scalars; loss = fine + coarse)."""
+    of `pairs`; `cases` [B]: the case of each pair (default: a different case per pair).
+    -> {"loss", "fine", "coarse"} (scalars; loss = fine + coarse)."""
     fshape, cshape = fine.shape[2:], coarse.shape[2:]
-    coarse_flat = coarse.flatten(2).transpose(1, 2)  # [2B, C, Nc] -> [2B, Nc, C]
+    n_views = 2 * len(pairs)
+    cases = np.arange(len(pairs)) if cases is None else np.asarray(cases)
+    coarse_all = coarse.flatten(2).transpose(1, 2).reshape(-1, coarse.shape[1])  # [2B * Nc, C]
+    n_c = int(np.prod(cshape))
+    coarse_xyz = np.concatenate([_coarse_world(v, cshape) for pair in pairs for v in pair])  # [2B * Nc, 3]
+    coarse_case = np.repeat(np.repeat(cases, 2), n_c)  # [2B * Nc]
+    assert len(coarse_all) == n_views * n_c
     fine_losses, coarse_losses = [], []
     for b, (v1, v2) in enumerate(pairs):
         f1, f2, c1, c2 = fine[2 * b], fine[2 * b + 1], coarse[2 * b], coarse[2 * b + 1]
@@ -75,14 +85,14 @@ def sam_loss(fine: torch.Tensor, coarse: torch.Tensor, pairs: list[tuple[View, V
             hardness = (q @ fc.T + qc @ cc.T).masked_fill(too_close, -float("inf"))
             hard = hardness.topk(min(N_HARD, len(cand)), dim=1).indices  # [P, H]
         neg = (q @ fc.T).masked_fill(too_close, -float("inf")).gather(1, hard)
-        fine_losses.append(_info_nce((q * k_pos).sum(1), neg))
+        fine_losses.append(_info_nce((q * k_pos).sum(1), neg, temperature))
 
-        # coarse negatives: far voxels of view 2 + all coarse voxels of the other volumes
-        near = np.linalg.norm(world[:, None] - _coarse_world(v2, cshape)[None], axis=2) < COARSE_POSITIVE_MM
-        own = (qc @ coarse_flat[2 * b + 1].T).masked_fill(torch.from_numpy(near).to(qc.device), -float("inf"))
-        others = [coarse_flat[i] for i in range(len(coarse_flat)) if i // 2 != b]
-        neg_c = own if not others else torch.cat([own, qc @ torch.cat(others).T], 1)
-        coarse_losses.append(_info_nce((qc * kc_pos).sum(1), neg_c))
+        # coarse negatives: far voxels of this case's views (+ all voxels of other cases' views)
+        same = coarse_case == cases[b]  # [2B * Nc]
+        near = np.linalg.norm(world[:, None] - coarse_xyz[None], axis=2) < COARSE_POSITIVE_MM  # [P, 2B * Nc]
+        excluded = (same[None] & near) | (~same[None] & (not cross_case))
+        neg_c = (qc @ coarse_all.T).masked_fill(torch.from_numpy(excluded).to(qc.device), -float("inf"))
+        coarse_losses.append(_info_nce((qc * kc_pos).sum(1), neg_c, temperature))
     if not fine_losses:
         raise RuntimeError("no view pair of this batch overlaps; views are too far apart")
     lf, lc = torch.stack(fine_losses).mean(), torch.stack(coarse_losses).mean()

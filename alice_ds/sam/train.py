@@ -1,13 +1,16 @@
 """`alice-ds sam-train`: self-supervised training of SAMNet on the preprocessed cache (DESIGN §5).
 
-Each step draws `batch_size` cases, two overlapping augmented views per case (crops.view_pair),
-runs both through the network in one batch and minimises the fine + coarse InfoNCE of loss.py.
+Each step draws `batch_size` cases and `pairs_per_case` pairs of overlapping augmented views per
+case (crops.view_pair), runs all views through the network in one batch and minimises the fine +
+coarse InfoNCE of loss.py. The views of step N are a function of (seed, N) alone, so they are
+prepared ahead in a DataLoader worker process (`--workers`) while the network trains, and a resumed
+run sees exactly the views an uninterrupted one would.
 
 Output directory:
 ```
 O/checkpoints/step_<N>/model.safetensors   weights (+ BatchNorm buffers)
 O/checkpoints/step_<N>/model.json          network config, step, model id
-O/checkpoints/step_<N>/optimizer.safetensors + state.json   AdamW moments, step, sampler RNG
+O/checkpoints/step_<N>/optimizer.safetensors + state.json   AdamW moments, step, settings
 O/checkpoints/latest                       tag of the newest complete checkpoint (written last)
 O/sam.safetensors + O/sam.json             final weights for `alice-ds embed --sam_checkpoint`
 O/log.jsonl                                one JSON line per step (loss, fine, coarse, seconds)
@@ -23,6 +26,9 @@ from pathlib import Path
 SAM_SPACING_MM = 2.0
 DEFAULT_STEPS = 2000
 DEFAULT_BATCH = 2
+DEFAULT_PAIRS_PER_CASE = 1
+DEFAULT_TEMPERATURE = 0.5
+DEFAULT_THREADS = 1
 DEFAULT_ROI = 64
 DEFAULT_WIDTH = 0.25
 DEFAULT_LR = 1e-3
@@ -38,7 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_dir", required=True, help="where checkpoints, final weights and log go")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps in total")
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH,
-                   help="volumes per step (two views each); other volumes are coarse negatives")
+                   help="cases per step (--pairs_per_case view pairs each)")
+    p.add_argument("--pairs_per_case", type=int, default=DEFAULT_PAIRS_PER_CASE,
+                   help="view pairs per case and step at independent random body points; the far "
+                        "coarse voxels of a case's other views are its coarse negatives")
+    p.add_argument("--cross_case_negatives", action="store_true",
+                   help="also use every coarse voxel of the other cases of the batch as coarse "
+                        "negatives (as the reference SAM; measured worse on phantoms, see README)")
+    p.add_argument("--intensity_aug", action="store_true",
+                   help="random linear HU transform per view (crops.INTENSITY_SCALE, INTENSITY_SHIFT_HU)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="InfoNCE temperature")
     p.add_argument("--roi", type=int, default=DEFAULT_ROI,
                    help="view edge in voxels of the --spacing grid (x scale 0.8-1.2); multiple of 16")
     p.add_argument("--width", type=float, default=DEFAULT_WIDTH,
@@ -54,6 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT_DIR/checkpoints/latest (same settings)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="torch CPU threads of the training process (on a shared or small CPU, 1 "
+                        "avoids threads waiting for each other)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="DataLoader processes preparing views ahead (0: in the training process)")
 
 
 def training_cases(cache_dir, json_list) -> list[str]:
@@ -150,19 +170,57 @@ def _load_optimizer(opt, path: Path) -> None:
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(out: Path, model, opt, step: int, rng, settings: dict) -> Path:
-    """`out/checkpoints/step_<N>/` (weights, optimizer, step + sampler RNG + settings), then the
+def save_checkpoint(out: Path, model, opt, step: int, settings: dict) -> Path:
+    """`out/checkpoints/step_<N>/` (weights, optimizer, step + settings), then the
     `latest` pointer, replaced atomically so it always names a complete checkpoint."""
     tag = f"step_{step}"
     d = out / "checkpoints" / tag
     d.mkdir(parents=True, exist_ok=True)
     save_model(model, d / "model.safetensors", step)
     _save_optimizer(opt, d / "optimizer.safetensors")
-    (d / "state.json").write_text(json.dumps({"step": step, "rng": rng.bit_generator.state,
-                                              "settings": settings}, indent=2))
+    (d / "state.json").write_text(json.dumps({"step": step, "settings": settings}, indent=2))
     (out / "checkpoints" / "latest.tmp").write_text(tag)
     (out / "checkpoints" / "latest.tmp").replace(out / "checkpoints" / "latest")
     return d
+
+
+class StepViews:
+    """The views of every training step, indexable by step (a map-style dataset for DataLoader):
+    `[step]` -> (x [B * K * 2, 1, R, R, R] network input, pairs [(View, View)] * B * K,
+    cases [B * K] index of each pair's case), drawn with default_rng([seed, step]). Cases are
+    opened (memory-mapped) on first use, so every worker process opens its own."""
+
+    def __init__(self, cache_dir, case_ids: list[str], roi: int, spacing: float, batch_size: int,
+                 pairs_per_case: int, intensity: bool, seed: int, steps: int):
+        self.cache_dir, self.case_ids = cache_dir, list(case_ids)
+        self.roi, self.spacing, self.intensity = roi, spacing, intensity
+        self.batch_size, self.pairs_per_case, self.seed, self.steps = batch_size, pairs_per_case, seed, steps
+        self._cases = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int):
+        import numpy as np
+        import torch
+
+        from alice_ds.data.cache import open_case
+        from alice_ds.sam.crops import body_voxels, view_pair
+        from alice_ds.sam.network import scale_hu
+
+        if self._cases is None:
+            opened = [open_case(self.cache_dir, c) for c in self.case_ids]
+            self._cases = [(c, body_voxels(c.array)) for c in opened]
+        rng = np.random.default_rng([self.seed, step])
+        cases = np.repeat(rng.integers(0, len(self._cases), self.batch_size), self.pairs_per_case)
+        pairs = [view_pair(self._cases[i][0].array, self._cases[i][0].affine, self.roi, rng,
+                           self._cases[i][1], self.spacing, self.intensity) for i in cases]
+        x = torch.stack([scale_hu(v.hu) for pair in pairs for v in pair])[:, None]  # [2BK, 1, R, R, R]
+        return x, pairs, cases
+
+
+def _identity(batch):
+    return batch
 
 
 def run(args) -> int:
@@ -174,29 +232,31 @@ def run(args) -> int:
     from safetensors.torch import load_file
 
     from alice_ds.console import console, progress
-    from alice_ds.data.cache import open_case
     from alice_ds.errors import DataError, UserError
-    from alice_ds.sam.crops import body_voxels, view_pair
     from alice_ds.sam.loss import sam_loss
-    from alice_ds.sam.network import COARSE_STRIDE, SAMNet, scale_hu
+    from alice_ds.sam.network import COARSE_STRIDE, SAMNet
 
     if args.roi % COARSE_STRIDE or args.roi < 2 * COARSE_STRIDE:
         raise UserError(f"--roi must be a multiple of {COARSE_STRIDE} and >= {2 * COARSE_STRIDE}, got {args.roi}")
-    for name in ("steps", "batch_size", "save_every"):
+    for name in ("steps", "batch_size", "pairs_per_case", "save_every", "threads"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0, got {args.temperature}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     case_ids = training_cases(args.cache_dir, args.json_list)
-    cases = [open_case(args.cache_dir, c) for c in case_ids]
-    bodies = [body_voxels(c.array) for c in cases]
     settings = {"roi": args.roi, "width": args.width, "spacing": args.spacing,
-                "batch_size": args.batch_size, "lr": args.lr, "steps": args.steps, "seed": args.seed,
+                "batch_size": args.batch_size, "pairs_per_case": args.pairs_per_case,
+                "cross_case_negatives": args.cross_case_negatives, "intensity_aug": args.intensity_aug,
+                "temperature": args.temperature, "lr": args.lr, "steps": args.steps, "seed": args.seed,
                 "cases": case_ids}
 
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     model = SAMNet(width=args.width, spacing_mm=args.spacing).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     step = 0
@@ -212,30 +272,31 @@ def run(args) -> int:
                                 f"{state['settings'][name]} ({d})")
         model.load_state_dict(load_file(str(d / "model.safetensors")))
         _load_optimizer(opt, d / "optimizer.safetensors")
-        rng.bit_generator.state = state["rng"]
         step = state["step"]
         console.print(f"resumed from {d} at step {step}")
-    console.print(f"sam-train: {len(cases)} cases, batch {args.batch_size} x 2 views of "
-                  f"{args.roi}^3 at {args.spacing:g} mm, width {args.width}, "
+    console.print(f"sam-train: {len(case_ids)} cases, batch {args.batch_size} x {args.pairs_per_case} "
+                  f"x 2 views of {args.roi}^3 at {args.spacing:g} mm, width {args.width}, "
                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, {device}")
 
     def lr_at(s: int) -> float:  # cosine decay to 0 over --steps; a pure function of the step
         return args.lr * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
 
+    views = StepViews(args.cache_dir, case_ids, args.roi, args.spacing, args.batch_size,
+                      args.pairs_per_case, args.intensity_aug, args.seed, args.steps)
+    loader = torch.utils.data.DataLoader(views, batch_size=None, sampler=range(step, args.steps),
+                                         num_workers=args.workers, collate_fn=_identity)
     model.train()
     start = time.time()
     log = (out / "log.jsonl").open("a")
     with progress() as bar:
         task = bar.add_task("sam-train", total=args.steps, completed=step)
-        while step < args.steps:
-            t0 = time.time()
-            # sample: B cases, two views each, ordered (a1, b1, a2, b2, ...)
-            pairs = [view_pair(cases[i].array, cases[i].affine, args.roi, rng, bodies[i], args.spacing)
-                     for i in rng.integers(0, len(cases), args.batch_size)]
-            x = torch.stack([scale_hu(v.hu) for pair in pairs for v in pair])[:, None].to(device)
+        t0 = time.time()
+        for x, pairs, cases in loader:  # sample: views of this step, prepared ahead by the loader
+            t_data = time.time() - t0
             # forward + loss
-            fine, coarse = model(x)
-            losses = sam_loss(fine, coarse, pairs, rng)
+            fine, coarse = model(x.to(device))
+            losses = sam_loss(fine, coarse, pairs, np.random.default_rng([args.seed, step, 1]), cases,
+                              args.cross_case_negatives, args.temperature)
             # backward + step
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
@@ -245,16 +306,18 @@ def run(args) -> int:
             step += 1
             # log
             rec = {"step": step, **{k: round(float(v.detach()), 5) for k, v in losses.items()},
-                   "lr": lr_at(step - 1), "seconds": round(time.time() - t0, 3)}
+                   "lr": lr_at(step - 1), "seconds": round(time.time() - t0, 3),
+                   "data_wait": round(t_data, 3)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.update(task, advance=1, description=f"sam-train loss {rec['loss']:.3f}")
             out_of_time = args.max_minutes is not None and time.time() - start > args.max_minutes * 60
             if step % args.save_every == 0 or step == args.steps or out_of_time:
-                save_checkpoint(out, model, opt, step, rng, settings)
+                save_checkpoint(out, model, opt, step, settings)
             if out_of_time:
                 console.print(f"stopping at step {step}: --max_minutes {args.max_minutes} reached")
                 break
+            t0 = time.time()
     log.close()
     model_id = save_model(model, out / "sam.safetensors", step)
     console.print(f"wrote {out / 'sam.safetensors'} ({model_id}) after {step} steps, "
