@@ -100,13 +100,14 @@ ENGINE_RUNS = {
     # stage: (ds_configs/<name>.json, num_steps, extra flags, nodes); nodes=2 runs two
     # `deepspeed.launcher.launch` processes
     3: ("zero3_bf16", 2, ["--overfit_one_batch"], 1),
-    2: ("zero2_bf16", 2, ["--val_every", "2", "--keep_last", "1"], 1),
+    2: ("zero2_bf16", 2, ["--val_every", "2", "--keep_last", "1", "--augment_on", "device"], 1),
     1: ("fp32", 2, [], 2),
 }
-"""The shared runs: ZeRO-3 overfits one batch and checks the EMA, ZeRO-2 validates and prunes (both
-with the bf16 autocast configs as shipped, plus sanity checks), ZeRO-1 trains on two 'nodes' and is
-the reference of the exact-resume test (fp32: losses equal to 1e-5). Every update must happen (the
-tests assert it). Until the trainer routed them through `alice_ds.engine.cpu_bf16`, the bf16 runs
+"""The shared runs: ZeRO-3 overfits one batch and checks the EMA; ZeRO-2 validates, prunes and
+applies the view augmentation in the trainer (`--augment_on device`; the others resolve `auto` to
+`worker` on the CPU); both use the bf16 autocast configs as shipped, plus sanity checks. ZeRO-1
+trains on two 'nodes' and is the reference of the exact-resume test (fp32: losses equal to 1e-5).
+Every update must happen (the tests assert it). Until the trainer routed them through `alice_ds.engine.cpu_bf16`, the bf16 runs
 skipped updates: on the CPU, oneDNN's bf16 Conv3d weight gradient is garbage (finite entries of
 1e29-1e34, or inf/NaN) when the input depth is 2..kernel-1, i.e. `encoder10` at roi 64 (2^3 grid),
 DeepSpeed's fp32 sum of squares of the gradient norm overflowed and the update was skipped; those

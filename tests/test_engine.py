@@ -197,6 +197,7 @@ def test_zero2_validation_best_and_pruning(ds_run):
     tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["best", "step_2"], tags  # keep_last 1 removed step_1; best is kept
     assert (out / "checkpoints" / "latest").read_text() == "step_2"
+    assert json.loads((out / "config.json").read_text())["data"]["augment_on"] == "device"
 
 
 def _wait_for(path, text, procs, timeout=600):

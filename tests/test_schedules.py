@@ -81,6 +81,8 @@ def test_yaml_then_flags_precedence_and_unknown_keys(tmp_path):
         C.config_from_args(_args(**req, config=y))
     with pytest.raises(UserError, match="--roi must be a positive multiple of 32, got 50"):
         C.config_from_args(_args(**req, roi=50))
+    with pytest.raises(UserError, match="--augment_on must be one of auto, worker, device, got 'gpu'"):
+        C.config_from_args(_args(**req, augment_on="gpu"))
 
 
 def test_ds_config_batch_fields_filled_and_checked(tmp_path):

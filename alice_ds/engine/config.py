@@ -62,6 +62,9 @@ class ModelConfig:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
 
 
+AUGMENT_ON = ("auto", "worker", "device")
+
+
 @dataclass
 class DataConfig:
     data_dir: str = ""
@@ -87,6 +90,11 @@ class DataConfig:
     """Accept a SAM match when its similarity is at least this (paper code: 0.7)."""
     num_workers: int = 4
     """DataLoader worker processes per rank."""
+    augment_on: str = "auto"
+    """Where the views' rotation and noise are applied: `worker` (DataLoader workers, ~57 CPU-ms per
+    pair at roi 96), `device` (workers only draw the parameters; the trainer applies them to the
+    batch on the training device, one batched grid_sample), or `auto` = `device` on a GPU, `worker`
+    on the CPU. Both draw the same parameters from the same per-sample generators."""
     overfit_one_batch: bool = False
     """Repeat the first batch forever (debugging: the loss must fall)."""
 
@@ -104,6 +112,8 @@ class DataConfig:
             raise UserError(f"data.hu_window must be [low, high] with low < high, got {self.hu_window}")
         if self.num_workers < 0:
             raise UserError(f"--num_workers must be >= 0, got {self.num_workers}")
+        if self.augment_on not in AUGMENT_ON:
+            raise UserError(f"--augment_on must be one of {', '.join(AUGMENT_ON)}, got {self.augment_on!r}")
 
 
 @dataclass
@@ -241,6 +251,8 @@ _FLAGS = [
     ("--embed_dir", "data", "embed_dir", str, "SAM embeddings (`alice-ds embed`); omit for intra-case pairs only"),
     ("--roi", "data", "roi", int, "crop edge in voxels, multiple of 32 (default 96)"),
     ("--num_workers", "data", "num_workers", int, "DataLoader workers per rank (default 4)"),
+    ("--augment_on", "data", "augment_on", str, "where views are rotated and noised: worker, device (the "
+     "training GPU; workers only draw the parameters) or auto = device on a GPU, else worker (default auto)"),
     ("--output_dir", "run", "output_dir", str, "run directory: checkpoints/, metrics.jsonl, config.json, monitor/"),
     ("--deepspeed_config", "run", "deepspeed_config", str, "DeepSpeed JSON, e.g. ds_configs/zero2_bf16.json"),
     ("--batch_size", "run", "batch_size", int, "micro-batch of pairs per rank (default 2)"),

@@ -89,8 +89,13 @@ class Faults:
         return {**out, "loss": out["loss"] * float("nan")}
 
 
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _to_device(batch: dict, device, augment: bool) -> dict:
+    """A collated batch on the training device; with `augment` (data.augment_on resolved to
+    `device`) its views rotated and noised there from the parameters the workers drew."""
+    from alice_ds.data.pairs import apply_device_augment
+
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return apply_device_augment(batch) if augment else batch
 
 
 def _case_ids(entries: list[dict]) -> list[str]:
@@ -135,6 +140,9 @@ class Trainer:
                                                                  config=ds_config)
         self.module = self.engine.module
         self.ema = TeacherEMA(self.module)
+        if cfg.data.augment_on == "auto":  # resolved here, so config.json records what ran
+            cfg.data.augment_on = "worker" if deepspeed.get_accelerator().device_name() == "cpu" else "device"
+        self.augment_on_device = cfg.data.augment_on == "device"
         self.train_loader = self._loader("training", cfg.run.seed)
         self.step = 0
         self.best_val = float("inf")
@@ -170,7 +178,8 @@ class Trainer:
         if not cases:
             raise DataError(d.json_list, f"no cases in the {split!r} split")
         pair_cfg = PairConfig(roi=d.roi, hu_window=d.hu_window, mask_ratio=d.mask_ratio,
-                              mask_block=d.mask_block, score_threshold=d.min_score)
+                              mask_block=d.mask_block, score_threshold=d.min_score,
+                              augment_on="device" if self.augment_on_device else "worker")
         dataset = PairDataset(d.cache_dir, d.embed_dir, pair_cfg, seed=seed, rank=self.rank,
                               world_size=self.world, cases=cases)
         return PairLoader(dataset, self.cfg.run.batch_size, num_workers=d.num_workers,
@@ -232,7 +241,7 @@ class Trainer:
         grad_norm, zero0_dropped = None, False
         while done < cfg.grad_accum:
             # sample
-            batch = _to_device(next(batches), self.engine.device)
+            batch = _to_device(next(batches), self.engine.device, self.augment_on_device)
             # forward: student, teacher, CASA, loss
             out = self.faults.loss(self.engine(batch, self.step), self.step + 1)
             local = [float(out[k].detach()) for k in LOSS_KEYS + EXTRA_KEYS]
@@ -303,7 +312,8 @@ class Trainer:
         self.engine.eval()
         total, n = 0.0, 0
         for batch, _ in zip(loader, range(self.cfg.run.val_batches)):
-            out = self.engine(_to_device(batch, self.engine.device), self.step, update_centers=False)
+            out = self.engine(_to_device(batch, self.engine.device, self.augment_on_device), self.step,
+                              update_centers=False)
             total += float(out["loss"].detach())
             n += 1
         self.engine.train()
