@@ -17,13 +17,15 @@ import numpy as np
 import torch
 
 from alice_ds.sam.geometry import scaled_affine
+from alice_ds.sam import network
 from alice_ds.sam.io import EMBED_DIM, write_embedding
 
 SAM_SPACING_MM = 2.0
 """Spacing of the SAM grid the strides refer to (DESIGN §5)."""
-FINE_STRIDE = (2, 2, 2)
-COARSE_STRIDE = (8, 8, 8)
-"""Coarse stride in 2 mm voxels (16 mm); the learned SAM's coarse grid is of the same order."""
+FINE_STRIDE = (network.FINE_STRIDE,) * 3
+COARSE_STRIDE = (network.COARSE_STRIDE,) * 3
+"""The learned SAMNet's strides in 2 mm voxels (fine 4 mm, coarse 32 mm), so that matching costs what
+it costs with real embeddings (the coarse product scales with the number of coarse voxels)."""
 FINE_WAVELENGTHS_MM = (24.0, 160.0)
 COARSE_WAVELENGTHS_MM = (80.0, 600.0)
 """Wavelength ranges of the two encodings: the fine one separates points a few mm apart, the coarse
