@@ -145,10 +145,12 @@ def engine_inputs(phantom_dir, phantom_cache, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ds_launch(engine_inputs, phantom_dir, phantom_cache):
-    """`ds_launch(out_dir, ds_config, num_steps, extra=[], nodes=1, wait=True, env={})`: run
-    launch/train.py on 2 ranks through the real DeepSpeed launcher (`deepspeed --num_gpus 2`, or with
-    nodes=2 two `python -m deepspeed.launcher.launch --node_rank 0/1` processes sharing one master),
-    with `env` added to the environment (e.g. `ALICE_DS_FAULT`). Returns the launcher Popen objects
+    """`ds_launch(out_dir, ds_config, num_steps, extra=[], nodes=1, wait=True, env={},
+    launcher="deepspeed")`: run launch/train.py on 2 ranks through the real DeepSpeed launcher
+    (`deepspeed --num_gpus 2`, or with nodes=2 two `python -m deepspeed.launcher.launch --node_rank 0/1`
+    processes sharing one master); `launcher="torchrun"`: `torchrun --nproc_per_node 2`;
+    `launcher="slurm"`: two plain processes with only the variables `srun` sets (SLURM_PROCID/LOCALID/
+    NTASKS, SLURM_JOB_NODELIST). `env` is added to the environment (e.g. `ALICE_DS_FAULT`). Returns the launcher Popen objects
     (finished when `wait`); stdout+stderr go to `<out_dir>/launch<i>.log`."""
     import base64
     import json
@@ -157,7 +159,7 @@ def ds_launch(engine_inputs, phantom_dir, phantom_cache):
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    def launch(out_dir, ds_config, num_steps, extra=(), nodes=1, wait=True, env=None):
+    def launch(out_dir, ds_config, num_steps, extra=(), nodes=1, wait=True, env=None, launcher="deepspeed"):
         out_dir.mkdir(parents=True, exist_ok=True)
         args = [os.path.join(repo, "launch", "train.py"), "--config", str(engine_inputs / "tiny.yaml"),
                 "--deepspeed_config", str(engine_inputs / f"{ds_config}.json"),
@@ -166,7 +168,16 @@ def ds_launch(engine_inputs, phantom_dir, phantom_cache):
                 "--num_steps", str(num_steps), *extra]
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", ALICE_DS_PROGRESS="0", **(env or {}))
         port = str(_free_port())
-        if nodes == 1:
+        envs = [env]
+        if launcher == "torchrun":
+            cmds = [[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                     "--master_addr", "127.0.0.1", "--master_port", port, *args]]
+        elif launcher == "slurm":  # what `srun` gives each task of a 2-task job: SLURM_* only
+            cmds = [[sys.executable, "-u", *args] for _ in range(2)]
+            plain = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+            envs = [dict(plain, SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NTASKS="2",
+                         SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=port) for i in range(2)]
+        elif nodes == 1:
             cmds = [[os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
                      "--master_port", port, *args]]
         else:
@@ -174,8 +185,9 @@ def ds_launch(engine_inputs, phantom_dir, phantom_cache):
             cmds = [[sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}",
                      f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}", *args]
                     for i in range(nodes)]
-        procs = [subprocess.Popen(c, env=env, stdout=open(out_dir / f"launch{i}.log", "ab"),
-                                  stderr=subprocess.STDOUT, cwd=repo) for i, c in enumerate(cmds)]
+        envs = envs * len(cmds) if len(envs) == 1 else envs
+        procs = [subprocess.Popen(c, env=e, stdout=open(out_dir / f"launch{i}.log", "ab"),
+                                  stderr=subprocess.STDOUT, cwd=repo) for i, (c, e) in enumerate(zip(cmds, envs))]
         if wait:
             for p in procs:
                 p.wait(timeout=900)

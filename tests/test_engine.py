@@ -293,3 +293,17 @@ def test_dead_rank_takes_the_job_down(ds_launch, tmp_path):
     assert not left, f"processes of the dead run still alive: {left}"
     assert (out / "checkpoints" / "latest").read_text() == "step_1"
     assert [x["step"] for x in _metrics(out)] == [1]
+
+
+@pytest.mark.parametrize("launcher, shown", [("torchrun", "(env)"), ("slurm", "(slurm)")])
+def test_torchrun_and_srun_launches(ds_launch, tmp_path, launcher, shown):
+    """The same 2-rank run started by torchrun, and as srun starts it (two processes that see only
+    SLURM_PROCID/LOCALID/NTASKS and the nodelist): both ranks join one world of 2 and train a step."""
+    out = tmp_path / launcher
+    procs = ds_launch(out, "zero2_bf16", 1, launcher=launcher)
+    logs = "\n".join((out / f"launch{i}.log").read_text() for i in range(len(procs)))
+    assert all(p.returncode == 0 for p in procs), logs[-3000:]
+    assert f"world 2 {shown}" in " ".join(logs.split()), logs[-3000:]
+    m = _metrics(out)
+    assert [x["step"] for x in m] == [1] and math.isfinite(m[0]["loss"])
+    assert (out / "checkpoints" / "latest").read_text() == "step_1"
