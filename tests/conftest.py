@@ -146,8 +146,8 @@ def engine_inputs(phantom_dir, phantom_cache, tmp_path_factory):
 @pytest.fixture(scope="session")
 def ds_launch(engine_inputs, phantom_dir, phantom_cache):
     """`ds_launch(out_dir, ds_config, num_steps, extra=[], nodes=1, wait=True, env={},
-    launcher="deepspeed")`: run launch/train.py on 2 ranks through the real DeepSpeed launcher
-    (`deepspeed --num_gpus 2`, or with nodes=2 two `python -m deepspeed.launcher.launch --node_rank 0/1`
+    launcher="deepspeed", ranks=2)`: run launch/train.py on 2 ranks through the real DeepSpeed launcher
+    (`deepspeed --num_gpus 2`, or `ranks` of them on one node, or with nodes=2 two `python -m deepspeed.launcher.launch --node_rank 0/1`
     processes sharing one master); `launcher="torchrun"`: `torchrun --nproc_per_node 2`;
     `launcher="slurm"`: two plain processes with only the variables `srun` sets (SLURM_PROCID/LOCALID/
     NTASKS, SLURM_JOB_NODELIST). `env` is added to the environment (e.g. `ALICE_DS_FAULT`). Returns the launcher Popen objects
@@ -159,7 +159,8 @@ def ds_launch(engine_inputs, phantom_dir, phantom_cache):
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    def launch(out_dir, ds_config, num_steps, extra=(), nodes=1, wait=True, env=None, launcher="deepspeed"):
+    def launch(out_dir, ds_config, num_steps, extra=(), nodes=1, wait=True, env=None, launcher="deepspeed",
+               ranks=2):
         out_dir.mkdir(parents=True, exist_ok=True)
         args = [os.path.join(repo, "launch", "train.py"), "--config", str(engine_inputs / "tiny.yaml"),
                 "--deepspeed_config", str(engine_inputs / f"{ds_config}.json"),
@@ -178,7 +179,7 @@ def ds_launch(engine_inputs, phantom_dir, phantom_cache):
             envs = [dict(plain, SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NTASKS="2",
                          SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=port) for i in range(2)]
         elif nodes == 1:
-            cmds = [[os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+            cmds = [[os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
                      "--master_port", port, *args]]
         else:
             info = base64.urlsafe_b64encode(json.dumps({f"node{i}": [0] for i in range(nodes)}).encode()).decode()

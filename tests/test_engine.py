@@ -307,3 +307,34 @@ def test_torchrun_and_srun_launches(ds_launch, tmp_path, launcher, shown):
     m = _metrics(out)
     assert [x["step"] for x in m] == [1] and math.isfinite(m[0]["loss"])
     assert (out / "checkpoints" / "latest").read_text() == "step_1"
+
+
+def test_universal_checkpoint_resumes_on_another_world_size(ds_run, ds_launch, engine_inputs, tmp_path):
+    """The README recipe: a 2-rank ZeRO-1 checkpoint through DeepSpeed's `ds_to_universal` (no extra
+    flags: our checkpoints carry `universal_checkpoint_info`), our files copied beside it, resumed on
+    1 rank with `load_universal`, trains the next step."""
+    import sys
+
+    src = ds_run(1)
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.copytree(src / "checkpoints" / "step_2", ckpts / "step_2")
+    uni = ckpts / "step_2_universal"
+    r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(ckpts / "step_2"), "--output_folder", str(uni), "--num_extract_workers", "1",
+                        "--num_merge_workers", "1"], env=dict(os.environ, DS_ACCELERATOR="cpu"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    for f in (ckpts / "step_2").iterdir():
+        if f.name == "alice_state.json" or f.name.startswith(("teacher_fp32_rank", "state_rank")):
+            shutil.copy(f, uni / f.name)
+    cfg = json.loads((engine_inputs / "fp32.json").read_text())
+    cfg["checkpoint"] = {"load_universal": True}
+    (engine_inputs / "fp32_universal.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    (proc,) = ds_launch(out, "fp32_universal", 3, ["--resume", "step_2_universal"], ranks=1)
+    log = (out / "launch0.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    flat = "".join(log.split())  # the console wraps long paths
+    assert "step_2_universalatstep2" in flat and "world1(env)" in flat, log[-3000:]
+    m = _metrics(out)
+    assert [x["step"] for x in m] == [3] and math.isfinite(m[0]["loss"]), m

@@ -30,6 +30,16 @@ from safetensors.torch import load_file, save_file
 from alice_ds import __version__
 from alice_ds.errors import DataError, UserError
 
+def _universal_info() -> dict:
+    """The `universal_checkpoint_info` entry DeepSpeed's `ds_to_universal` requires in the model states
+    (Megatron-DeepSpeed writes it; plain engines do not, and the converter then needs
+    `--inject_missing_state`), so our checkpoints convert to universal ones as they are."""
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
 STEP_TAG = re.compile(r"^step_(\d+)$")
 BEST_TAG = "best"
 LATEST = "latest"
@@ -86,7 +96,8 @@ def save(engine, module, ema, ckpt_root: Path, tag: str, step: int, config: dict
 
     rank, world = dist.get_rank(), dist.get_world_size()
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"step": step}, save_latest=False)
+    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"step": step, **_universal_info()},
+                           save_latest=False)
     d = ckpt_root / tag
     zero3 = zero_stage == 3
     if zero3 or rank == 0:
