@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from itertools import repeat
 from pathlib import Path
 
@@ -37,6 +38,9 @@ VAL_SEED_OFFSET = 1_000_003
 FP32_MAX_NORM = math.sqrt(torch.finfo(torch.float32).max)
 """~1.8e19: a global gradient norm above it overflows an fp32 sum of squares. DeepSpeed's ZeRO-1/2/3
 then report inf and skip the update; the trainer applies the same criterion under ZeRO-0."""
+# DeepSpeed 0.19's ZeRO-2/3 call it every step and torch 2.13 warns on each call (a line per rank per step)
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 FAULT_ENV = "ALICE_DS_FAULT"
 """Fault injection for tests (`Faults`): unset in real runs."""
 FAULT_EXIT_CODE = 17
