@@ -31,10 +31,6 @@ from monai.transforms.utils import create_rotate
 
 SEED_LIMIT = 2**31
 """Exclusive bound of the seeds handed to MONAI (`np.random.RandomState` takes < 2**32)."""
-
-
-SEED_LIMIT = 2**31
-"""Exclusive bound of the seeds handed to MONAI (`np.random.RandomState` takes < 2**32)."""
 PARAM_KEYS = ("rot", "noise_seed", "noise_std", "scale", "shift")
 """Keys of an `AugmentParams` dict (one view, or collated over a batch with a leading B)."""
 

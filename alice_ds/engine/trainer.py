@@ -137,7 +137,8 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
         module = AliceMetaArch(cfg.model, cfg.loss)
-        if deepspeed.get_accelerator().device_name() == "cpu":
+        on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
+        if on_cpu:
             guard_cpu_bf16_conv3d(module)  # bf16 autocast Conv3d weight-gradient bug (engine/cpu_bf16.py)
         optimizer = torch.optim.AdamW(module.param_groups(), lr=0.0, weight_decay=0.0, betas=cfg.optim.betas)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
@@ -145,7 +146,7 @@ class Trainer:
         self.module = self.engine.module
         self.ema = TeacherEMA(self.module)
         if cfg.data.augment_on == "auto":  # resolved here, so config.json records what ran
-            cfg.data.augment_on = "worker" if deepspeed.get_accelerator().device_name() == "cpu" else "device"
+            cfg.data.augment_on = "worker" if on_cpu else "device"
         self.augment_on_device = cfg.data.augment_on == "device"
         self.train_loader = self._loader("training", cfg.run.seed)
         self.step = 0
