@@ -135,6 +135,12 @@ def test_match_cli_json_and_errors(sam_embed_dir, capsys, tmp_path):
     matched, scores = Matcher(sam_embed_dir).match("Case_00002_0000", "Case_00004_0000", [[10, -20, 30]])
     np.testing.assert_allclose(out["matched_mm"], matched[0], atol=1e-3)
     assert out["score"] == pytest.approx(float(scores[0]), abs=1e-4)
+    assert main(args + ["--search", "global"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    matched, scores = Matcher(sam_embed_dir, search="global").match("Case_00002_0000", "Case_00004_0000",
+                                                                     [[10, -20, 30]])
+    np.testing.assert_allclose(out["matched_mm"], matched[0], atol=1e-3)
+    assert out["score"] == pytest.approx(float(scores[0]), abs=1e-4)
     # a missing case and a corrupt file: exit 2, one line naming the file, no traceback
     broken = tmp_path / "emb"
     shutil.copytree(sam_embed_dir, broken)
@@ -183,6 +189,13 @@ def test_sam_eval_cli_matches_direct_computation(phantom_dir, sam_embed_dir, tmp
     assert sub["pairs"] == 3
     assert main(["sam-eval", "--embed_dir", str(sam_embed_dir), "--landmarks",
                  str(phantom_dir / "landmarks"), "--pairs", "some"]) == 2
+    # --search global: the same pairs scored by the global Matcher
+    assert main(["sam-eval", "--embed_dir", str(sam_embed_dir), "--landmarks", str(phantom_dir / "landmarks"),
+                 "--pairs", "3", "--seed", "1", "--search", "global", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    want = evaluate(sam_embed_dir, marks, pairs="3", seed=1, search="global")
+    assert doc["search"] == "global" and doc["n"] == want["overall"]["n"] == sub["overall"]["n"]
+    assert doc["median_mm"] == pytest.approx(want["overall"]["median_mm"], rel=1e-6)
 
 
 def test_missing_embedding_dir_is_a_user_error(phantom_dir, tmp_path, capsys):

@@ -142,3 +142,46 @@ def test_matcher_in_dataloader_workers(embed_dir):
     got_scores = torch.cat([s for _, s in loader]).numpy().ravel()
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(got_scores, want_scores, atol=1e-6)
+
+
+def test_global_search_is_the_argmax_over_every_fine_voxel(embed_dir):
+    """A decoy coarse voxel far away that equals the query's coarse embedding takes the coarse
+    argmax, so the window search lands there; the global search scores every fine voxel and
+    finds the point, with the score of a brute-force (fine + coarse) / 2 over the whole grid."""
+    key = open_embedding(embed_dir, "B_0000")
+    p = index_to_world(key.fine_affine, [[16.0, 14.0, 17.0]])  # between coarse voxel centres
+    _, qc = Matcher(embed_dir).query_features("A_0000", p)
+    coarse = key.coarse().clone()
+    decoy = (0, 0, coarse.shape[2] - 1)  # a corner coarse voxel, > 100 mm from p
+    coarse[decoy] = qc[0]
+    write_embedding(embed_dir / "B_0000.safetensors", key.fine(), coarse, key.fine_affine,
+                    key.coarse_affine, key.fine_stride, key.coarse_stride, "decoy", "B_0000")
+    key = open_embedding(embed_dir, "B_0000")
+    far = np.linalg.norm(index_to_world(key.coarse_affine, [decoy]) - p)
+    assert far > 100
+
+    window, _ = Matcher(embed_dir, window=6).match("A_0000", "B_0000", p)
+    assert np.linalg.norm(window - p) > 50  # the window (24 mm) went to the decoy
+    found, score = Matcher(embed_dir, window=6, search="global").match("A_0000", "B_0000", p)
+    assert np.linalg.norm(found - p) <= FINE_MM
+
+    # brute force over the whole fine grid, from the file's tensors
+    qf, qc = Matcher(embed_dir).query_features("A_0000", p)
+    fine = key.fine().reshape(-1, 128)  # [N, 128]
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in key.fine_shape], indexing="ij"), -1).reshape(-1, 3)
+    cijk = torch.from_numpy(world_to_index(key.coarse_affine, index_to_world(key.fine_affine, ijk))).float()
+    kc = F.normalize(sample_channels_last(key.coarse(), cijk), dim=1)  # [N, 128]
+    combined = ((qf @ fine.T + qc @ kc.T) / 2)[0]
+    best = int(combined.argmax())
+    np.testing.assert_allclose(found[0], index_to_world(key.fine_affine, ijk[best:best + 1])[0], atol=1e-6)
+    assert float(score[0]) == pytest.approx(float(combined[best]), abs=1e-4)
+
+
+def test_global_self_match_and_bad_search(embed_dir):
+    ef = open_embedding(embed_dir, "A_0000")
+    centres = index_to_world(ef.fine_affine, np.random.default_rng(3).integers(2, 30, size=(70, 3)))
+    matched, scores = Matcher(embed_dir, search="global").match("A_0000", "A_0000", centres)  # 2 chunks
+    np.testing.assert_allclose(matched, centres, atol=1e-6)
+    assert scores.min() > 0.99
+    with pytest.raises(ValueError, match="search must be one of"):
+        Matcher(embed_dir, search="everywhere")

@@ -9,10 +9,13 @@ DEFAULT_WINDOW = 20
 """Fine-search window edge in fine voxels (4 mm each at stride 2 of the 2 mm grid): 80 mm, more than
 two coarse voxels (32 mm at coarse stride 16), so a coarse argmax one coarse voxel off is recovered."""
 
+SEARCH_MODES = ("window", "global")
+"""Matcher searches: fine window around the coarse argmax (DESIGN §5), or every fine voxel."""
+
 _LAZY = {"SAMNet": "alice_ds.sam.network", "Matcher": "alice_ds.sam.matcher",
          "open_embedding": "alice_ds.sam.io", "write_embedding": "alice_ds.sam.io"}
 
-__all__ = ["DEFAULT_WINDOW", *_LAZY]
+__all__ = ["DEFAULT_WINDOW", "SEARCH_MODES", *_LAZY]
 
 
 def __getattr__(name):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from alice_ds.sam import DEFAULT_WINDOW
+from alice_ds.sam import DEFAULT_WINDOW, SEARCH_MODES
 
 WITHIN_MM = 10.0
 
@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for choosing N random pairs")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                    help="fine-search window edge in fine voxels around the coarse match")
+    p.add_argument("--search", choices=SEARCH_MODES, default="window",
+                   help="'window': fine search around the coarse argmax (as the pair sampler "
+                        "matches); 'global': (fine + coarse) / 2 at every fine voxel of the key case "
+                        "(slower; shows what a wrong coarse argmax costs)")
     p.add_argument("--json", default=None, metavar="OUT",
                    help="write the summary (overall and per landmark) to this JSON file")
 
@@ -82,10 +86,10 @@ def summarize(errors) -> dict:
 
 
 def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int = DEFAULT_WINDOW,
-             on_pair=None, only=None) -> dict:
+             on_pair=None, only=None, search: str = "window") -> dict:
     """Match every common landmark over the chosen case pairs. -> {"overall": summary,
     "per_landmark": {name: summary}, "pairs": n, "cases": [...]} (summary: n, mean_mm, median_mm,
-    within_10mm as a fraction). `only`: restrict to these case ids."""
+    within_10mm as a fraction). `only`: restrict to these case ids; `search`: the Matcher's."""
     import itertools
 
     import numpy as np
@@ -104,7 +108,7 @@ def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int
         n = int(pairs)
         rng = np.random.default_rng(seed)
         ordered = [ordered[i] for i in rng.permutation(len(ordered))[:n]]
-    matcher = Matcher(embed_dir, window=window)
+    matcher = Matcher(embed_dir, window=window, search=search)
     per: dict[str, list[float]] = {}
     for q, k in ordered:
         lq, lk = landmarks[case_key(q)], landmarks[case_key(k)]
@@ -142,15 +146,17 @@ def run(args) -> int:
     with progress() as bar:
         task = bar.add_task("sam-eval", total=total)
         res = evaluate(args.embed_dir, marks, args.pairs, args.seed, args.window,
-                       on_pair=lambda: bar.advance(task), only=only)
+                       on_pair=lambda: bar.advance(task), only=only, search=args.search)
     res["seconds_per_pair"] = (time.time() - t0) / max(res["pairs"], 1)
     rows = [[name, s["n"], f"{s['mean_mm']:.2f}", f"{s['median_mm']:.2f}", f"{100 * s['within_10mm']:.1f}"]
             for name, s in [*res["per_landmark"].items(), ("overall", res["overall"])]]
-    console.print(table(f"SAM landmark matching: {len(res['cases'])} cases, {res['pairs']} ordered pairs",
+    console.print(table(f"SAM landmark matching ({args.search} search): {len(res['cases'])} cases, "
+                        f"{res['pairs']} ordered pairs",
                         ["landmark", "n", "mean mm", "median mm", "% within 10 mm"], rows))
     if args.json:
         doc = {**res["overall"], "overall": res["overall"], "per_landmark": res["per_landmark"],
-               "pairs": res["pairs"], "cases": res["cases"], "seconds_per_pair": res["seconds_per_pair"]}
+               "pairs": res["pairs"], "cases": res["cases"], "seconds_per_pair": res["seconds_per_pair"],
+               "search": args.search, "window": args.window}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2))
     return 0

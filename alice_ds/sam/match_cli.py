@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from alice_ds.sam import DEFAULT_WINDOW
+from alice_ds.sam import DEFAULT_WINDOW, SEARCH_MODES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="query point in world mm (RAS)")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                    help="fine-search window edge in fine voxels around the coarse match")
+    p.add_argument("--search", choices=SEARCH_MODES, default="window",
+                   help="'window': fine search around the coarse argmax; 'global': every fine voxel "
+                        "of the key case (slower, independent of the coarse argmax)")
     p.add_argument("--json", action="store_true",
                    help='print {"matched_mm": [x, y, z], "score": s} instead of a sentence')
 
@@ -27,7 +30,7 @@ def run(args) -> int:
 
     from alice_ds.sam.matcher import Matcher
 
-    matched, scores = Matcher(args.embed_dir, window=args.window).match(
+    matched, scores = Matcher(args.embed_dir, window=args.window, search=args.search).match(
         args.query, args.key, np.asarray([args.point]))
     xyz = [round(float(v), 3) for v in matched[0]]
     if args.json:
