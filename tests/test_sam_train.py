@@ -165,3 +165,31 @@ def test_sam_train_user_errors(phantom_cache, tmp_path, capsys):
     assert "Nope_00001_0000" in capsys.readouterr().err
     assert main(base + ["--resume"]) == 2
     assert "latest" in capsys.readouterr().err
+
+
+def test_hu_window_is_a_model_setting(phantom_cache, tmp_path, capsys):
+    """--hu_window goes into the model's config; load_model and embed use it; resuming with another
+    window is refused."""
+    from alice_ds.sam.embed import embed_volume
+    from alice_ds.sam.train import load_model
+
+    out = tmp_path / "soft"
+    args = ["sam-train", "--cache_dir", str(phantom_cache), "--output_dir", str(out), "--steps", "1",
+            "--roi", "32", "--width", "0.125", "--spacing", "4", "--workers", "0"]
+    assert main(args + ["--hu_window", "-200", "300"]) == 0
+    assert json.loads((out / "sam.json").read_text())["hu_window"] == [-200.0, 300.0]
+    model, _ = load_model(out / "sam.safetensors")
+    assert model.hu_window == (-200.0, 300.0)
+    hu = torch.linspace(-1000, 1000, 32 ** 3).view(32, 32, 32)
+    fine, coarse = embed_volume(model, hu, tile=32, overlap=0)
+    with torch.no_grad():
+        want_f, want_c = model(scale_hu(hu, (-200.0, 300.0))[None, None])
+        wide_f, _ = model(scale_hu(hu)[None, None])
+    torch.testing.assert_close(fine.float(), want_f[0].permute(1, 2, 3, 0), atol=2e-3, rtol=0)
+    torch.testing.assert_close(coarse.float(), want_c[0].permute(1, 2, 3, 0), atol=2e-3, rtol=0)
+    assert (want_f - wide_f).abs().max() > 0.01  # the window changes what the network sees
+    assert scale_hu(torch.tensor([-500.0, 50.0, 900.0]), (-200.0, 300.0)).tolist() == [-1.0, 0.0, 1.0]
+    capsys.readouterr()
+    assert main(args + ["--steps", "2", "--resume"]) == 2  # default window vs the checkpoint's
+    assert "--hu_window" in capsys.readouterr().err
+    assert main(args + ["--hu_window", "300", "-200"]) == 2

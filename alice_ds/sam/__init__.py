@@ -9,13 +9,19 @@ DEFAULT_WINDOW = 20
 """Fine-search window edge in fine voxels (4 mm each at stride 2 of the 2 mm grid): 80 mm, more than
 two coarse voxels (32 mm at coarse stride 16), so a coarse argmax one coarse voxel off is recovered."""
 
+HU_WINDOW = (-1000.0, 1000.0)
+"""Default SAMNet input window: HU clipped to it and mapped linearly to [-1, 1]. Wide, so air, fat,
+soft tissue and bone all stay distinguishable; a model can be trained on another (`sam-train
+--hu_window`, stored in its config): on the phantoms a soft-tissue window (-200, 300) made the fine
+half much better (README)."""
+
 SEARCH_MODES = ("window", "global")
 """Matcher searches: fine window around the coarse argmax (DESIGN §5), or every fine voxel."""
 
 _LAZY = {"SAMNet": "alice_ds.sam.network", "Matcher": "alice_ds.sam.matcher",
          "open_embedding": "alice_ds.sam.io", "write_embedding": "alice_ds.sam.io"}
 
-__all__ = ["DEFAULT_WINDOW", "SEARCH_MODES", *_LAZY]
+__all__ = ["DEFAULT_WINDOW", "HU_WINDOW", "SEARCH_MODES", *_LAZY]
 
 
 def __getattr__(name):

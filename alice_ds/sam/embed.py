@@ -71,7 +71,8 @@ def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVE
                 for sz in starts[2]:
                     lo = (sx, sy, sz)
                     hi = tuple(min(s + tile, n) for s, n in zip(lo, shape))
-                    x = scale_hu(hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])[None, None].to(device)
+                    x = scale_hu(hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], model.hu_window)[None, None]
+                    x = x.to(device)
                     f, c = model(x)
                     # owned interior of this tile in SAM-grid voxels: drop half the overlap at inner seams
                     own_lo = [s + half if s > 0 else 0 for s in lo]

@@ -19,20 +19,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from alice_ds.sam import HU_WINDOW
+
 EMBED_DIM = 128
 FINE_STRIDE = 2
 COARSE_STRIDE = 16
 SAM_SPACING_MM = 2.0
-HU_WINDOW = (-1000.0, 1000.0)
-"""HU clipped to this wide window and mapped linearly to [-1, 1]: air, fat, soft tissue and bone
-all stay distinguishable (a soft-tissue window would flatten lung and bone)."""
 BASE_WIDTHS = (64, 128, 256, 512)
 MIN_CHANNELS = 8
 
 
-def scale_hu(hu: torch.Tensor) -> torch.Tensor:
-    """HU -> network input in [-1, 1] (HU_WINDOW)."""
-    lo, hi = HU_WINDOW
+def scale_hu(hu: torch.Tensor, window=HU_WINDOW) -> torch.Tensor:
+    """HU -> network input in [-1, 1]: clipped to `window` (lo, hi), then linear."""
+    lo, hi = window
     return (hu.float().clamp(lo, hi) - lo) / (hi - lo) * 2 - 1
 
 
@@ -75,12 +74,16 @@ class SAMNet(nn.Module):
     STAGE_STRIDES = (1, 2, 2, 2)
     BLOCKS_PER_STAGE = 2
 
-    def __init__(self, width: float = 1.0, spacing_mm: float = SAM_SPACING_MM):
+    def __init__(self, width: float = 1.0, spacing_mm: float = SAM_SPACING_MM, hu_window=HU_WINDOW):
         super().__init__()
         if width <= 0:
             raise ValueError(f"width must be > 0, got {width}")
         if spacing_mm <= 0:
             raise ValueError(f"spacing_mm must be > 0, got {spacing_mm}")
+        if len(hu_window) != 2 or not hu_window[1] > hu_window[0]:
+            raise ValueError(f"hu_window must be (lo, hi) with hi > lo, got {tuple(hu_window)}")
+        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        """HU window of the input (scale_hu); embedding uses the model's own."""
         self.width = float(width)
         self.spacing_mm = float(spacing_mm)
         """Voxel size of the isotropic grid the network was trained on (2 mm as in SAM; the test
@@ -121,4 +124,4 @@ class SAMNet(nn.Module):
         """What is needed to rebuild the network (stored next to its weights)."""
         return {"arch": "samnet-resnet18-fpn", "width": self.width, "embed_dim": EMBED_DIM,
                 "fine_stride": FINE_STRIDE, "coarse_stride": COARSE_STRIDE,
-                "spacing_mm": self.spacing_mm, "hu_window": list(HU_WINDOW)}
+                "spacing_mm": self.spacing_mm, "hu_window": list(self.hu_window)}

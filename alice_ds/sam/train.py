@@ -23,6 +23,8 @@ import argparse
 import json
 from pathlib import Path
 
+from alice_ds.sam import HU_WINDOW
+
 SAM_SPACING_MM = 2.0
 DEFAULT_STEPS = 2000
 DEFAULT_BATCH = 2
@@ -60,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="channel multiplier of SAMNet (1.0 = ResNet-18 widths)")
     p.add_argument("--spacing", type=float, default=SAM_SPACING_MM,
                    help="isotropic grid of the network in mm (SAM: 2); embed uses the same")
+    p.add_argument("--hu_window", type=float, nargs=2, default=HU_WINDOW, metavar=("LO", "HI"),
+                   help="HU clipped to [LO, HI] and scaled to [-1, 1] as the network input; stored "
+                        "with the model, embed uses the same (phantoms: -200 300 beat the wide default, "
+                        "see README)"),
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate (cosine decay)")
     p.add_argument("--save_every", type=int, default=DEFAULT_SAVE_EVERY,
                    help="checkpoint every N steps (and at the end)")
@@ -137,7 +143,8 @@ def load_model(path, device="cpu"):
         raise DataError(path, "SAM checkpoint not found (alice-ds sam-train writes OUTPUT_DIR/sam.safetensors)")
     try:
         cfg = json.loads(sidecar.read_text())
-        model = SAMNet(width=float(cfg["width"]), spacing_mm=float(cfg["spacing_mm"]))
+        model = SAMNet(width=float(cfg["width"]), spacing_mm=float(cfg["spacing_mm"]),
+                       hu_window=cfg.get("hu_window", HU_WINDOW))
         model.load_state_dict(load_file(str(path)))
     except FileNotFoundError:
         raise DataError(sidecar, "SAM checkpoint config (JSON sidecar) not found") from None
@@ -191,8 +198,8 @@ class StepViews:
     opened (memory-mapped) on first use, so every worker process opens its own."""
 
     def __init__(self, cache_dir, case_ids: list[str], roi: int, spacing: float, batch_size: int,
-                 pairs_per_case: int, intensity: bool, seed: int, steps: int):
-        self.cache_dir, self.case_ids = cache_dir, list(case_ids)
+                 pairs_per_case: int, intensity: bool, seed: int, steps: int, hu_window=HU_WINDOW):
+        self.cache_dir, self.case_ids, self.hu_window = cache_dir, list(case_ids), tuple(hu_window)
         self.roi, self.spacing, self.intensity = roi, spacing, intensity
         self.batch_size, self.pairs_per_case, self.seed, self.steps = batch_size, pairs_per_case, seed, steps
         self._cases = None
@@ -215,7 +222,7 @@ class StepViews:
         cases = np.repeat(rng.integers(0, len(self._cases), self.batch_size), self.pairs_per_case)
         pairs = [view_pair(self._cases[i][0].array, self._cases[i][0].affine, self.roi, rng,
                            self._cases[i][1], self.spacing, self.intensity) for i in cases]
-        x = torch.stack([scale_hu(v.hu) for pair in pairs for v in pair])[:, None]  # [2BK, 1, R, R, R]
+        x = torch.stack([scale_hu(v.hu, self.hu_window) for pair in pairs for v in pair])[:, None]  # [2BK, 1, R, R, R]
         return x, pairs, cases
 
 
@@ -250,14 +257,17 @@ def run(args) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     case_ids = training_cases(args.cache_dir, args.json_list)
-    settings = {"roi": args.roi, "width": args.width, "spacing": args.spacing,
+    hu_window = [float(v) for v in args.hu_window]
+    if not hu_window[1] > hu_window[0]:
+        raise UserError(f"--hu_window must be LO HI with HI > LO, got {hu_window}")
+    settings = {"roi": args.roi, "width": args.width, "spacing": args.spacing, "hu_window": hu_window,
                 "batch_size": args.batch_size, "pairs_per_case": args.pairs_per_case,
                 "cross_case_negatives": args.cross_case_negatives, "intensity_aug": args.intensity_aug,
                 "temperature": args.temperature, "lr": args.lr, "steps": args.steps, "seed": args.seed,
                 "cases": case_ids}
 
     torch.manual_seed(args.seed)
-    model = SAMNet(width=args.width, spacing_mm=args.spacing).to(device)
+    model = SAMNet(width=args.width, spacing_mm=args.spacing, hu_window=hu_window).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     step = 0
     if args.resume:
@@ -266,10 +276,11 @@ def run(args) -> int:
             raise DataError(latest, "no checkpoint to resume from")
         d = out / "checkpoints" / latest.read_text().strip()
         state = json.loads((d / "state.json").read_text())
-        for name in ("width", "spacing", "roi"):
-            if state["settings"][name] != getattr(args, name):
-                raise UserError(f"--{name} {getattr(args, name)} differs from the checkpoint's "
-                                f"{state['settings'][name]} ({d})")
+        for name, value in (("width", args.width), ("spacing", args.spacing), ("roi", args.roi),
+                            ("hu_window", hu_window)):
+            saved = state["settings"].get(name, list(HU_WINDOW) if name == "hu_window" else None)
+            if saved != value:
+                raise UserError(f"--{name} {value} differs from the checkpoint's {saved} ({d})")
         model.load_state_dict(load_file(str(d / "model.safetensors")))
         _load_optimizer(opt, d / "optimizer.safetensors")
         step = state["step"]
@@ -282,7 +293,7 @@ def run(args) -> int:
         return args.lr * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
 
     views = StepViews(args.cache_dir, case_ids, args.roi, args.spacing, args.batch_size,
-                      args.pairs_per_case, args.intensity_aug, args.seed, args.steps)
+                      args.pairs_per_case, args.intensity_aug, args.seed, args.steps, hu_window)
     loader = torch.utils.data.DataLoader(views, batch_size=None, sampler=range(step, args.steps),
                                          num_workers=args.workers, collate_fn=_identity)
     model.train()
