@@ -1,0 +1,78 @@
+"""Which half of a SAM model fails? Landmark accuracy of learned embeddings, taken apart.
+
+On cases with known landmarks (phantoms), for the embeddings of `--embed_dir`:
+
+- `learned, window`: the Matcher as the pair sampler uses it (coarse argmax, fine window);
+- `learned, global`: (fine + coarse) / 2 at every fine voxel (`Matcher(search="global")`);
+- `learned fine + oracle coarse`: the learned fine grid with a ground-truth coarse grid
+  (alice_ds.data.oracle: anatomical position up to an affine landmark fit), window search: what the
+  fine half gives when the coarse half is right;
+- `oracle`: both halves from the landmark fit (the accuracy of that fit).
+
+    python benchmarks/sam_halves.py --embed_dir E --cache_dir C --landmarks P/landmarks \
+        [--json_list P.json] [--json OUT]
+
+`--json_list`: only its validation cases (held out from sam-train). The oracle's reference frame is
+the landmark set of the first case that has one. Prints a table; `--json` writes the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--embed_dir", required=True, help="learned embeddings (alice-ds embed)")
+    p.add_argument("--cache_dir", required=True, help="the cache they were embedded from (grids of the oracle)")
+    p.add_argument("--landmarks", required=True, help="landmark folder (alice-ds phantom writes P/landmarks)")
+    p.add_argument("--json_list", default=None, help="datalist: evaluate its validation cases only")
+    p.add_argument("--window", type=int, default=None, help="fine-search window (default: the Matcher's)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results here")
+    args = p.parse_args(argv)
+
+    from alice_ds.console import console, table
+    from alice_ds.data import case_key
+    from alice_ds.data.cache import open_case
+    from alice_ds.data.oracle import write_oracle_embedding
+    from alice_ds.sam import DEFAULT_WINDOW
+    from alice_ds.sam.evaluate import evaluate, load_landmarks, validation_cases
+    from alice_ds.sam.io import embedding_path, list_embeddings, open_embedding, write_embedding
+
+    window = args.window or DEFAULT_WINDOW
+    marks = load_landmarks(args.landmarks)
+    only = None if args.json_list is None else validation_cases(args.json_list)
+    cases = [c for c in list_embeddings(args.embed_dir)
+             if case_key(c) in marks and (only is None or c in only)]
+    reference = marks[sorted(marks)[0]]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        oracle_dir, mixed_dir = Path(tmp) / "oracle", Path(tmp) / "mixed"
+        for c in cases:
+            case = open_case(args.cache_dir, c)
+            write_oracle_embedding(embedding_path(oracle_dir, c), c, case.affine, case.shape,
+                                   marks[case_key(c)], reference)
+            learned, oracle = open_embedding(args.embed_dir, c), open_embedding(oracle_dir, c)
+            # each grid keeps its own affine: the Matcher maps the coarse argmax through world mm
+            write_embedding(embedding_path(mixed_dir, c), learned.fine(), oracle.coarse(), learned.fine_affine,
+                            oracle.coarse_affine, learned.fine_stride, oracle.coarse_stride,
+                            f"{learned.meta['model_id']}+oracle-coarse", c)
+        for name, directory, search in (("learned, window", args.embed_dir, "window"),
+                                        ("learned, global", args.embed_dir, "global"),
+                                        ("learned fine + oracle coarse", mixed_dir, "window"),
+                                        ("oracle", oracle_dir, "window")):
+            results[name] = evaluate(directory, marks, window=window, only=set(cases), search=search)["overall"]
+    rows = [[name, r["n"], f"{r['median_mm']:.1f}", f"{r['mean_mm']:.1f}", f"{100 * r['within_10mm']:.1f}"]
+            for name, r in results.items()]
+    console.print(table(f"SAM halves: {len(cases)} cases, window {window}",
+                        ["embeddings", "n", "median mm", "mean mm", "% within 10 mm"], rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cases": cases, "window": window, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
