@@ -222,7 +222,8 @@ class StepViews:
         cases = np.repeat(rng.integers(0, len(self._cases), self.batch_size), self.pairs_per_case)
         pairs = [view_pair(self._cases[i][0].array, self._cases[i][0].affine, self.roi, rng,
                            self._cases[i][1], self.spacing, self.intensity) for i in cases]
-        x = torch.stack([scale_hu(v.hu, self.hu_window) for pair in pairs for v in pair])[:, None]  # [2BK, 1, R, R, R]
+        # network input [2BK, 1, R, R, R]
+        x = torch.stack([scale_hu(v.hu, self.hu_window) for pair in pairs for v in pair])[:, None]
         return x, pairs, cases
 
 
