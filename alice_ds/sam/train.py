@@ -144,7 +144,7 @@ def load_model(path, device="cpu"):
     try:
         cfg = json.loads(sidecar.read_text())
         model = SAMNet(width=float(cfg["width"]), spacing_mm=float(cfg["spacing_mm"]),
-                       hu_window=cfg.get("hu_window", HU_WINDOW))
+                       hu_window=cfg["hu_window"])
         model.load_state_dict(load_file(str(path)))
     except FileNotFoundError:
         raise DataError(sidecar, "SAM checkpoint config (JSON sidecar) not found") from None
@@ -277,11 +277,11 @@ def run(args) -> int:
             raise DataError(latest, "no checkpoint to resume from")
         d = out / "checkpoints" / latest.read_text().strip()
         state = json.loads((d / "state.json").read_text())
+        saved = {"hu_window": list(HU_WINDOW), **state["settings"]}  # older checkpoints: the default
         for name, value in (("width", args.width), ("spacing", args.spacing), ("roi", args.roi),
                             ("hu_window", hu_window)):
-            saved = state["settings"].get(name, list(HU_WINDOW) if name == "hu_window" else None)
-            if saved != value:
-                raise UserError(f"--{name} {value} differs from the checkpoint's {saved} ({d})")
+            if saved[name] != value:
+                raise UserError(f"--{name} {value} differs from the checkpoint's {saved[name]} ({d})")
         model.load_state_dict(load_file(str(d / "model.safetensors")))
         _load_optimizer(opt, d / "optimizer.safetensors")
         step = state["step"]
