@@ -4,6 +4,7 @@ On cases with known landmarks (phantoms), for the embeddings of `--embed_dir`:
 
 - `learned, window`: the Matcher as the pair sampler uses it (coarse argmax, fine window);
 - `learned, global`: (fine + coarse) / 2 at every fine voxel (`Matcher(search="global")`);
+- `learned coarse alone`: the coarse argmax voxel (`Matcher(search="coarse")`), no fine search;
 - `learned fine + oracle coarse`: the learned fine grid with a ground-truth coarse grid
   (alice_ds.data.oracle: anatomical position up to an affine landmark fit), window search: what the
   fine half gives when the coarse half is right;
@@ -13,7 +14,8 @@ On cases with known landmarks (phantoms), for the embeddings of `--embed_dir`:
         [--json_list P.json] [--json OUT]
 
 `--json_list`: only its validation cases (held out from sam-train). The oracle's reference frame is
-the landmark set of the first case that has one. Prints a table; `--json` writes the same numbers.
+the landmark set of the first case that has one. Prints a table (with the median absolute error per
+world axis: on phantoms the coarse half errs along z); `--json` writes the same numbers.
 """
 
 from __future__ import annotations
@@ -62,13 +64,15 @@ def main(argv=None) -> int:
                             f"{learned.meta['model_id']}+oracle-coarse", c)
         for name, directory, search in (("learned, window", args.embed_dir, "window"),
                                         ("learned, global", args.embed_dir, "global"),
+                                        ("learned coarse alone", args.embed_dir, "coarse"),
                                         ("learned fine + oracle coarse", mixed_dir, "window"),
                                         ("oracle", oracle_dir, "window")):
             results[name] = evaluate(directory, marks, window=window, only=set(cases), search=search)["overall"]
-    rows = [[name, r["n"], f"{r['median_mm']:.1f}", f"{r['mean_mm']:.1f}", f"{100 * r['within_10mm']:.1f}"]
-            for name, r in results.items()]
+    rows = [[name, r["n"], f"{r['median_mm']:.1f}", f"{r['mean_mm']:.1f}", f"{100 * r['within_10mm']:.1f}",
+             " / ".join(f"{v:.1f}" for v in r["median_abs_xyz_mm"])] for name, r in results.items()]
     console.print(table(f"SAM halves: {len(cases)} cases, window {window}",
-                        ["embeddings", "n", "median mm", "mean mm", "% within 10 mm"], rows))
+                        ["embeddings", "n", "median mm", "mean mm", "% within 10 mm",
+                         "median |x| / |y| / |z| mm"], rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"cases": cases, "window": window, "results": results}, indent=2))
     return 0

@@ -167,7 +167,7 @@ def test_sam_eval_cli_matches_direct_computation(phantom_dir, sam_embed_dir, tmp
     marks = load_landmarks(phantom_dir / "landmarks")
     cases = list_embeddings(sam_embed_dir)
     assert doc["pairs"] == len(cases) * (len(cases) - 1)
-    matcher, errors, per = Matcher(sam_embed_dir, window=EVAL_WINDOW), [], {}
+    matcher, errors, per, offsets = Matcher(sam_embed_dir, window=EVAL_WINDOW), [], {}, []
     for q in cases:
         for k in cases:
             if q == k:
@@ -175,13 +175,16 @@ def test_sam_eval_cli_matches_direct_computation(phantom_dir, sam_embed_dir, tmp
             lq, lk = marks[q[:-5]], marks[k[:-5]]
             names = sorted(set(lq) & set(lk))
             matched, _ = matcher.match(q, k, [lq[n] for n in names])
-            for n, e in zip(names, np.linalg.norm(matched - np.array([lk[n] for n in names]), axis=1)):
+            offsets.append(matched - np.array([lk[n] for n in names]))
+            for n, e in zip(names, np.linalg.norm(offsets[-1], axis=1)):
                 errors.append(e)
                 per.setdefault(n, []).append(e)
     assert doc["n"] == len(errors)
     assert doc["median_mm"] == pytest.approx(np.median(errors), rel=1e-6)
     assert doc["mean_mm"] == pytest.approx(np.mean(errors), rel=1e-6)
     assert doc["within_10mm"] == pytest.approx(np.mean(np.array(errors) <= 10), abs=1e-9)
+    np.testing.assert_allclose(doc["median_abs_xyz_mm"], np.median(np.abs(np.concatenate(offsets)), axis=0),
+                               rtol=1e-6)
     name = sorted(per)[0]
     assert doc["per_landmark"][name]["median_mm"] == pytest.approx(np.median(per[name]), rel=1e-6)
     # N random pairs, and a bad --pairs value as a one-line user error
@@ -195,6 +198,13 @@ def test_sam_eval_cli_matches_direct_computation(phantom_dir, sam_embed_dir, tmp
     doc = json.loads(out.read_text())
     want = evaluate(sam_embed_dir, marks, pairs="3", seed=1, search="global")
     assert doc["search"] == "global" and doc["n"] == want["overall"]["n"] == sub["overall"]["n"]
+    assert doc["median_mm"] == pytest.approx(want["overall"]["median_mm"], rel=1e-6)
+    # --search coarse: the coarse argmax alone, on the coarse grid
+    assert main(["sam-eval", "--embed_dir", str(sam_embed_dir), "--landmarks", str(phantom_dir / "landmarks"),
+                 "--pairs", "3", "--seed", "1", "--search", "coarse", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    want = evaluate(sam_embed_dir, marks, pairs="3", seed=1, search="coarse")
+    assert doc["search"] == "coarse" and doc["n"] == sub["overall"]["n"]
     assert doc["median_mm"] == pytest.approx(want["overall"]["median_mm"], rel=1e-6)
 
 

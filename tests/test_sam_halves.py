@@ -23,8 +23,10 @@ def test_sam_halves_rows(phantom_dir, phantom_cache, sam_embed_dir, tmp_path):
                             "--json", str(out)]) == 0
     res = json.loads(out.read_text())["results"]
     marks = load_landmarks(phantom_dir / "landmarks")
-    for name, search in (("learned, window", "window"), ("learned, global", "global")):
+    for name, search in (("learned, window", "window"), ("learned, global", "global"),
+                         ("learned coarse alone", "coarse")):
         want = evaluate(sam_embed_dir, marks, window=12, search=search)["overall"]
+        assert res[name].pop("median_abs_xyz_mm") == pytest.approx(want.pop("median_abs_xyz_mm"), rel=1e-9)
         assert res[name] == pytest.approx(want, rel=1e-9)
     n = res["learned, window"]["n"]
     assert all(r["n"] == n for r in res.values())

@@ -162,6 +162,9 @@ def test_global_search_is_the_argmax_over_every_fine_voxel(embed_dir):
 
     window, _ = Matcher(embed_dir, window=6).match("A_0000", "B_0000", p)
     assert np.linalg.norm(window - p) > 50  # the window (24 mm) went to the decoy
+    coarse_only, coarse_score = Matcher(embed_dir, search="coarse").match("A_0000", "B_0000", p)
+    np.testing.assert_allclose(coarse_only, index_to_world(key.coarse_affine, [decoy]), atol=1e-6)
+    assert float(coarse_score[0]) == pytest.approx(1.0, abs=1e-3)  # the decoy is qc itself (fp16)
     found, score = Matcher(embed_dir, window=6, search="global").match("A_0000", "B_0000", p)
     assert np.linalg.norm(found - p) <= FINE_MM
 

@@ -15,8 +15,9 @@ soft tissue and bone all stay distinguishable; a model can be trained on another
 --hu_window`, stored in its config): on the phantoms a soft-tissue window (-200, 300) made the fine
 half much better (README)."""
 
-SEARCH_MODES = ("window", "global")
-"""Matcher searches: fine window around the coarse argmax (DESIGN §5), or every fine voxel."""
+SEARCH_MODES = ("window", "global", "coarse")
+"""Matcher searches: fine window around the coarse argmax (DESIGN §5), every fine voxel, or the
+coarse argmax alone (a diagnostic: where the coarse half points)."""
 
 _LAZY = {"SAMNet": "alice_ds.sam.network", "Matcher": "alice_ds.sam.matcher",
          "open_embedding": "alice_ds.sam.io", "write_embedding": "alice_ds.sam.io"}

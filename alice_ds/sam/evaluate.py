@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", choices=SEARCH_MODES, default="window",
                    help="'window': fine search around the coarse argmax (as the pair sampler "
                         "matches); 'global': (fine + coarse) / 2 at every fine voxel of the key case "
-                        "(slower; shows what a wrong coarse argmax costs)")
+                        "(slower; shows what a wrong coarse argmax costs); 'coarse': the coarse "
+                        "argmax alone (where the coarse half points)")
     p.add_argument("--json", default=None, metavar="OUT",
                    help="write the summary (overall and per landmark) to this JSON file")
 
@@ -77,19 +78,24 @@ def validation_cases(json_list) -> set[str]:
         raise DataError(json_list, f"not a decathlon datalist with a 'validation' list ({e})") from None
 
 
-def summarize(errors) -> dict:
+def summarize(deltas) -> dict:
+    """Match - landmark offsets [N, 3] in world mm (RAS axes) -> n, mean_mm, median_mm, within_10mm
+    (of the distances) and median_abs_xyz_mm (per axis: which direction the errors go)."""
     import numpy as np
 
-    e = np.asarray(errors, dtype=np.float64)
+    d = np.asarray(deltas, dtype=np.float64).reshape(-1, 3)
+    e = np.linalg.norm(d, axis=1)
     return {"n": int(e.size), "mean_mm": float(e.mean()), "median_mm": float(np.median(e)),
-            "within_10mm": float((e <= WITHIN_MM).mean())}
+            "within_10mm": float((e <= WITHIN_MM).mean()),
+            "median_abs_xyz_mm": [float(v) for v in np.median(np.abs(d), axis=0)]}
 
 
 def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int = DEFAULT_WINDOW,
              on_pair=None, only=None, search: str = "window") -> dict:
     """Match every common landmark over the chosen case pairs. -> {"overall": summary,
     "per_landmark": {name: summary}, "pairs": n, "cases": [...]} (summary: n, mean_mm, median_mm,
-    within_10mm as a fraction). `only`: restrict to these case ids; `search`: the Matcher's."""
+    within_10mm as a fraction, median_abs_xyz_mm). `only`: restrict to these case ids; `search`:
+    the Matcher's."""
     import itertools
 
     import numpy as np
@@ -109,15 +115,14 @@ def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int
         rng = np.random.default_rng(seed)
         ordered = [ordered[i] for i in rng.permutation(len(ordered))[:n]]
     matcher = Matcher(embed_dir, window=window, search=search)
-    per: dict[str, list[float]] = {}
+    per: dict[str, list[np.ndarray]] = {}  # landmark -> match - landmark offsets [3] mm
     for q, k in ordered:
         lq, lk = landmarks[case_key(q)], landmarks[case_key(k)]
         names = sorted(set(lq) & set(lk))
         if names:
             matched, _ = matcher.match(q, k, np.array([lq[n] for n in names]))
-            err = np.linalg.norm(matched - np.array([lk[n] for n in names]), axis=1)
-            for n, e in zip(names, err):
-                per.setdefault(n, []).append(float(e))
+            for n, d in zip(names, matched - np.array([lk[n] for n in names])):
+                per.setdefault(n, []).append(d)
         if on_pair is not None:
             on_pair()
     if not per:
@@ -148,11 +153,13 @@ def run(args) -> int:
         res = evaluate(args.embed_dir, marks, args.pairs, args.seed, args.window,
                        on_pair=lambda: bar.advance(task), only=only, search=args.search)
     res["seconds_per_pair"] = (time.time() - t0) / max(res["pairs"], 1)
-    rows = [[name, s["n"], f"{s['mean_mm']:.2f}", f"{s['median_mm']:.2f}", f"{100 * s['within_10mm']:.1f}"]
+    rows = [[name, s["n"], f"{s['mean_mm']:.2f}", f"{s['median_mm']:.2f}", f"{100 * s['within_10mm']:.1f}",
+             " / ".join(f"{v:.1f}" for v in s["median_abs_xyz_mm"])]
             for name, s in [*res["per_landmark"].items(), ("overall", res["overall"])]]
     console.print(table(f"SAM landmark matching ({args.search} search): {len(res['cases'])} cases, "
                         f"{res['pairs']} ordered pairs",
-                        ["landmark", "n", "mean mm", "median mm", "% within 10 mm"], rows))
+                        ["landmark", "n", "mean mm", "median mm", "% within 10 mm", "median |x| / |y| / |z| mm"],
+                        rows))
     if args.json:
         doc = {**res["overall"], "overall": res["overall"], "per_landmark": res["per_landmark"],
                "pairs": res["pairs"], "cases": res["cases"], "seconds_per_pair": res["seconds_per_pair"],

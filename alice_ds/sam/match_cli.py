@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fine-search window edge in fine voxels around the coarse match")
     p.add_argument("--search", choices=SEARCH_MODES, default="window",
                    help="'window': fine search around the coarse argmax; 'global': every fine voxel "
-                        "of the key case (slower, independent of the coarse argmax)")
+                        "of the key case (slower, independent of the coarse argmax); 'coarse': the "
+                        "coarse argmax alone (its voxel centre and coarse cosine)")
     p.add_argument("--json", action="store_true",
                    help='print {"matched_mm": [x, y, z], "score": s} instead of a sentence')
 

@@ -15,6 +15,9 @@ scores 83.8 mm median / 17.1 % within 10 mm with the window and 30.4 mm / 31.0 %
 reads the whole fine grid of the key case per call (1.8 s per case pair of ~200^3 voxels at 2 mm,
 one core, vs 0.06 s with the window), so the pair sampler keeps the window.
 
+`search="coarse"` stops after the first step and returns the centre of the coarse argmax voxel with
+its coarse cosine: what the coarse half alone says, to tell a weak coarse half from a weak fine one.
+
 Cost on one core (benchmark phantoms, oracle embeddings, 32 points, window 8): ≈ 4.3 ms per call
 on SAMNet's 32 mm coarse grid, ≈ 7.5 ms on a 16 mm one (the coarse product scales with the coarse
 voxels: ~15k of them ≈ 1.3-1.8 ms); window 20 (`DEFAULT_WINDOW`) ≈ 44 ms on the 16 mm grid.
@@ -105,7 +108,8 @@ class Matcher:
         """Match world points [P, 3] of `query_case` into `key_case`.
 
         Returns (matched_mm [P, 3] float64 at fine-voxel centres of the key case, scores [P] float32
-        = the combined similarity at the match, in [-1, 1])."""
+        = the combined similarity at the match, in [-1, 1]; with search="coarse": coarse-voxel
+        centres and the coarse cosine)."""
         pts = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
         if len(pts) == 0:
             return np.zeros((0, 3)), np.zeros(0, dtype=np.float32)
@@ -115,6 +119,8 @@ class Matcher:
         sim_c = qc @ keys  # [P, C] @ [C, Nc] -> [P, Nc]
         best_c = np.stack(np.unravel_index(sim_c.numpy().argmax(1), cshape), axis=1)  # [P, 3] (NumPy's
         # argmax: 0.03 ms vs torch's 0.4 ms for [32, 15k] on one core)
+        if self.search == "coarse":
+            return index_to_world(ef.coarse_affine, best_c), sim_c.max(1).values.numpy()
         centre = np.rint(world_to_index(ef.fine_affine, index_to_world(ef.coarse_affine, best_c)))
         sim_c = sim_c.view(len(pts), 1, *cshape)  # [P, Nc] -> [P, 1, Xc, Yc, Zc]
         matched, scores = [], []
