@@ -120,7 +120,7 @@ class Matcher:
         best_c = np.stack(np.unravel_index(sim_c.numpy().argmax(1), cshape), axis=1)  # [P, 3] (NumPy's
         # argmax: 0.03 ms vs torch's 0.4 ms for [32, 15k] on one core)
         if self.search == "coarse":
-            return index_to_world(ef.coarse_affine, best_c), sim_c.max(1).values.numpy()
+            return index_to_world(ef.coarse_affine, best_c), sim_c.numpy().max(1)
         centre = np.rint(world_to_index(ef.fine_affine, index_to_world(ef.coarse_affine, best_c)))
         sim_c = sim_c.view(len(pts), 1, *cshape)  # [P, Nc] -> [P, 1, Xc, Yc, Zc]
         matched, scores = [], []
