@@ -69,10 +69,10 @@ def main(argv=None) -> int:
                                         ("oracle", oracle_dir, "window")):
             results[name] = evaluate(directory, marks, window=window, only=set(cases), search=search)["overall"]
     rows = [[name, r["n"], f"{r['median_mm']:.1f}", f"{r['mean_mm']:.1f}", f"{100 * r['within_10mm']:.1f}",
-             " / ".join(f"{v:.1f}" for v in r["median_abs_xyz_mm"])] for name, r in results.items()]
+             "/".join(f"{v:.0f}" for v in r["median_abs_xyz_mm"])] for name, r in results.items()]
     console.print(table(f"SAM halves: {len(cases)} cases, window {window}",
                         ["embeddings", "n", "median mm", "mean mm", "% within 10 mm",
-                         "median |x| / |y| / |z| mm"], rows))
+                         "median |x|/|y|/|z| mm"], rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"cases": cases, "window": window, "results": results}, indent=2))
     return 0

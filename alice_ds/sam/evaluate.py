@@ -154,11 +154,11 @@ def run(args) -> int:
                        on_pair=lambda: bar.advance(task), only=only, search=args.search)
     res["seconds_per_pair"] = (time.time() - t0) / max(res["pairs"], 1)
     rows = [[name, s["n"], f"{s['mean_mm']:.2f}", f"{s['median_mm']:.2f}", f"{100 * s['within_10mm']:.1f}",
-             " / ".join(f"{v:.1f}" for v in s["median_abs_xyz_mm"])]
+             "/".join(f"{v:.0f}" for v in s["median_abs_xyz_mm"])]
             for name, s in [*res["per_landmark"].items(), ("overall", res["overall"])]]
     console.print(table(f"SAM landmark matching ({args.search} search): {len(res['cases'])} cases, "
                         f"{res['pairs']} ordered pairs",
-                        ["landmark", "n", "mean mm", "median mm", "% within 10 mm", "median |x| / |y| / |z| mm"],
+                        ["landmark", "n", "mean mm", "median mm", "% within 10 mm", "median |x|/|y|/|z| mm"],
                         rows))
     if args.json:
         doc = {**res["overall"], "overall": res["overall"], "per_landmark": res["per_landmark"],
