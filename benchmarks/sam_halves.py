@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from alice_ds.data.cache import open_case
     from alice_ds.data.oracle import write_oracle_embedding
     from alice_ds.sam import DEFAULT_WINDOW
-    from alice_ds.sam.evaluate import evaluate, load_landmarks, validation_cases
+    from alice_ds.sam.evaluate import AXES_HEADER, axes_cell, evaluate, load_landmarks, validation_cases
     from alice_ds.sam.io import embedding_path, list_embeddings, open_embedding, write_embedding
 
     window = args.window or DEFAULT_WINDOW
@@ -69,10 +69,10 @@ def main(argv=None) -> int:
                                         ("oracle", oracle_dir, "window")):
             results[name] = evaluate(directory, marks, window=window, only=set(cases), search=search)["overall"]
     rows = [[name, r["n"], f"{r['median_mm']:.1f}", f"{r['mean_mm']:.1f}", f"{100 * r['within_10mm']:.1f}",
-             "/".join(f"{v:.0f}" for v in r["median_abs_xyz_mm"])] for name, r in results.items()]
+             axes_cell(r)] for name, r in results.items()]
     console.print(table(f"SAM halves: {len(cases)} cases, window {window}",
                         ["embeddings", "n", "median mm", "mean mm", "% within 10 mm",
-                         "median |x|/|y|/|z| mm"], rows))
+                         AXES_HEADER], rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"cases": cases, "window": window, "results": results}, indent=2))
     return 0
