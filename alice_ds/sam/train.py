@@ -63,9 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", type=float, default=SAM_SPACING_MM,
                    help="isotropic grid of the network in mm (SAM: 2); embed uses the same")
     p.add_argument("--hu_window", type=float, nargs=2, default=HU_WINDOW, metavar=("LO", "HI"),
-                   help="HU clipped to [LO, HI] (default -1000 1000) and scaled to [-1, 1] as the network input; stored "
-                        "with the model, embed uses the same (phantoms: -200 300 beat the wide default, "
-                        "see README)"),
+                   help="HU clipped to [LO, HI] (default -1000 1000) and scaled to [-1, 1] as the "
+                        "network input; stored with the model, embed uses the same (phantoms: -200 300 "
+                        "beat the wide default, see README)")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate (cosine decay)")
     p.add_argument("--save_every", type=int, default=DEFAULT_SAVE_EVERY,
                    help="checkpoint every N steps (and at the end)")
