@@ -4,6 +4,9 @@ Times the student's work (forward + backward of a scalar of the output, batch B,
 the teacher's (forward under no_grad), for MONAI, ours, and ours with activation checkpointing.
 Variants are run interleaved (A, B, C, A, B, C, ...) so that load drifting on a shared machine hits
 all of them alike; the ratio to MONAI is taken within each round, and its median is reported.
+FLOPs of each variant are counted once (PyTorch's FlopCounterMode: matrix products, convolutions,
+attention) to give the achieved TFLOP/s, and on a known GPU under `--bf16` the MFU (fraction of the
+datasheet dense bf16 peak). Checkpointing recomputes the forward: its MFU counts that work too.
 
     python benchmarks/backbone.py --feature_size 24 --roi 96 --repeats 5 --json work/bench_backbone.json
 """
@@ -19,6 +22,24 @@ import time
 
 MIN_TRAIN_ROI = 64
 """At 32^3 the deepest grid is one voxel, and instance norm cannot train on a single voxel."""
+DATASHEET_BF16_TFLOPS = {"H100 80GB HBM3": 989, "H100 PCIe": 756, "H100 NVL": 835, "H200": 989,
+                         "A100": 312}
+"""Dense bf16 tensor-core peak from NVIDIA datasheets, keyed by a substring of
+`torch.cuda.get_device_name()`: the denominator of MFU (bf16 runs only)."""
+
+
+def count_flops(run) -> int:
+    """FLOPs of one call of `run` as PyTorch's FlopCounterMode counts them (matrix products,
+    convolutions and attention, forward and backward; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
+
+
+def datasheet_tflops(device_name: str) -> float | None:
+    return next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in device_name), None)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,6 +109,10 @@ def main(argv=None) -> int:
         "MONAI fwd (no_grad)": teacher_forward(monai_net, monai_recon),
         "ours fwd (no_grad)": teacher_forward(ours, ours_recon),
     }
+    flops = {name: count_flops(run) for name, run in variants.items()}  # also a warm-up of each
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() \
+        or platform.machine()
+    peak_tflops = datasheet_tflops(device_name) if device.type == "cuda" and args.bf16 else None
     times: dict[str, list[float]] = {k: [] for k in variants}
     peak: dict[str, int] = {}
     with progress() as bar:
@@ -113,13 +138,18 @@ def main(argv=None) -> int:
 
     # ratio within each interleaved round, then the median: robust to load drifting between rounds
     paired = {k: statistics.median(t / b for t, b in zip(v, times[baseline_of(k)])) for k, v in times.items()}
+    tflops_s = {k: flops[k] / m / 1e12 for k, m in med.items()}  # achieved, at the median time
     rows = []
     for name, m in med.items():
-        row = [name, f"{m:.3f}", f"{min(times[name]):.3f}", f"{paired[name]:.2f}"]
+        row = [name, f"{m:.3f}", f"{min(times[name]):.3f}", f"{paired[name]:.2f}",
+               f"{flops[name] / 1e9:.1f}", f"{tflops_s[name]:.3g}"]
+        if peak_tflops:
+            row.append(f"{100 * tflops_s[name] / peak_tflops:.1f}")
         if device.type == "cuda":
             row.append(f"{peak[name] / 2**30:.2f}")
         rows.append(row)
-    cols = ["variant", "median s", "min s", "time / MONAI (paired median)"]
+    cols = ["variant", "median s", "min s", "time / MONAI (paired median)", "GFLOP", "TFLOP/s"]
+    cols += [f"MFU % of {peak_tflops}"] if peak_tflops else []
     cols += ["peak GiB"] if device.type == "cuda" else []
     title = (f"SwinBackbone vs MONAI SwinUNETR, F={f}, {r}^3, batch {b}, {device.type}"
              f"{' bf16' if args.bf16 else ' fp32'}, {args.repeats} runs")
@@ -127,8 +157,7 @@ def main(argv=None) -> int:
 
     if args.json:
         report = {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-            or platform.machine(),
+            "device": device_name,
             "threads": torch.get_num_threads(),
             "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                          "monai": __import__("monai").__version__, "alice_ds": alice_ds.__version__},
@@ -137,6 +166,10 @@ def main(argv=None) -> int:
             "median_s": med,
             "ratio_vs_monai_paired_median": paired,
             "peak_bytes": peak,
+            "flops": flops,
+            "tflops_per_s": tflops_s,
+            "datasheet_bf16_tflops": peak_tflops,
+            "mfu": {k: v / peak_tflops for k, v in tflops_s.items()} if peak_tflops else None,
         }
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)

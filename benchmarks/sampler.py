@@ -17,8 +17,9 @@ pair is also split by stage (matcher, crops, augmentation, masks, other).
 Three sampler settings: without augmentation, augmented in the worker (`augment_on="worker"`), and
 `augment_on="device"` (the worker only draws the augmentation parameters; the trainer applies them
 to the batch with `apply_device_augment`). For the last, the cost of `apply_device_augment` on a
-collated batch is timed on this CPU, one thread (`--device_batch` pairs per call); on a GPU it is one
-batched grid_sample plus per-view noise, off the DataLoader workers.
+collated batch is timed on this CPU, one thread (`--device_batch` pairs per call), and where CUDA is
+available also on the GPU (the batch moved there first, as the trainer does): one batched
+grid_sample plus per-view noise, off the DataLoader workers.
 """
 
 from __future__ import annotations
@@ -188,6 +189,25 @@ def _rate(fn, n: int, repeats: int) -> dict:
     return {"cpu": statistics.median(cpu), "wall": statistics.median(wall), "cpu_runs": cpu, "wall_runs": wall}
 
 
+def time_cuda_augment(batch: dict, augment, repeats: int) -> dict:
+    """Milliseconds per `augment(batch)` call with the batch already on the GPU (what the trainer
+    does after its host-to-device copy), median of `repeats` x 10 calls after a warm-up."""
+    import torch
+
+    gpu = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    augment(gpu)
+    runs = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            augment(gpu)
+        torch.cuda.synchronize()
+        runs.append(1e3 * (time.perf_counter() - t0) / 10)
+    return {"ms_per_batch": statistics.median(runs), "runs_ms": runs, "batch": len(batch["query"]),
+            "device": torch.cuda.get_device_name()}
+
+
 def main(argv=None) -> int:
     from alice_ds.data.pairs import PairConfig, PairDataset, apply_device_augment, tune_worker_allocator
 
@@ -241,6 +261,7 @@ def main(argv=None) -> int:
     apply_device_augment(batch)  # warm-up
     device_aug = _rate(lambda: apply_device_augment(batch), 1, args.repeats)
     device_aug_ms = 1e3 / (device_aug["cpu"] * args.device_batch)  # CPU ms per pair (two views)
+    cuda_aug = time_cuda_augment(batch, apply_device_augment, args.repeats) if torch.cuda.is_available() else None
 
     base = ReferenceSampler(cache, embed, args.roi, thr, args.seed)
     base_rate = _rate(base.pair, args.baseline_pairs, args.repeats)
@@ -260,6 +281,8 @@ def main(argv=None) -> int:
         "device_augment_cpu_ms_per_pair": device_aug_ms,
         "device_augment_note": (f"apply_device_augment on a collated batch of {args.device_batch} pairs, this CPU, "
                                 "one thread; on a GPU the same call is one batched grid_sample + per-view noise"),
+        "device_augment_cuda_ms_per_pair": cuda_aug and cuda_aug["ms_per_batch"] / args.device_batch,
+        "device_augment_cuda": cuda_aug,
         "acceptance_rate": stats["acceptance_rate"],
         "call_acceptance_rate": stats["call_acceptance_rate"],
         "mean_score": stats["mean_score"],
@@ -297,6 +320,9 @@ def main(argv=None) -> int:
                   f"on this CPU (batch {args.device_batch}, one thread; worker-side augmentation "
                   f"{results['augmented']['stages_ms_per_pair']['augmentation']:.1f}); on a GPU it is one batched "
                   "grid_sample + per-view noise")
+    if cuda_aug:
+        console.print(f"on {cuda_aug['device']}: {report['device_augment_cuda_ms_per_pair']:.3f} ms per pair "
+                      f"(batch {args.device_batch} already on the GPU)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str))
     return 0

@@ -61,10 +61,22 @@ def test_linear_scaling_and_min_lr_error_names_values(tmp_path):
     req = dict(output_dir=tmp_path, deepspeed_config="ds_configs/zero2_bf16.json", cache_dir=tmp_path,
                json_list=tmp_path / "d.json")
     cfg = C.config_from_args(_args(**req, lr=5e-5, batch_size=8, min_lr=1e-6))
-    assert C.peak_lr(cfg, world_size=8) == pytest.approx(5e-5 * 64 / 256)
+    assert C.lr_range(cfg, world_size=8) == pytest.approx((5e-5 * 64 / 256, 1e-6))
     cfg = C.config_from_args(_args(**req, lr=5e-5, batch_size=1, min_lr=1e-6))
     with pytest.raises(UserError, match=r"min_lr 1e-06 must be below the peak lr 1.9531[23]e-07 \(= lr 5e-05 \* global batch 1 / 256\)"):
-        C.peak_lr(cfg, world_size=1)
+        C.lr_range(cfg, world_size=1)
+
+
+def test_default_min_lr_scales_with_the_peak(tmp_path):
+    """Unset, the final lr is 2 % of the peak: 1e-6 at the reference's global batch of 256, and
+    still below the peak on one GPU with the default batch (a fixed 1e-6 was above it there)."""
+    req = dict(output_dir=tmp_path, deepspeed_config="ds_configs/zero2_bf16.json", cache_dir=tmp_path,
+               json_list=tmp_path / "d.json")
+    cfg = C.config_from_args(_args(**req))
+    assert cfg.optim.min_lr is None and (cfg.optim.lr, cfg.run.batch_size) == (5e-5, 2)
+    assert C.lr_range(cfg, world_size=128) == pytest.approx((5e-5, 1e-6))
+    peak, final = C.lr_range(cfg, world_size=1)
+    assert peak == pytest.approx(5e-5 * 2 / 256) and final == pytest.approx(0.02 * peak)
 
 
 def test_yaml_then_flags_precedence_and_unknown_keys(tmp_path):

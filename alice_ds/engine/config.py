@@ -23,6 +23,9 @@ ROI_MULTIPLE = 32
 
 LR_SCALING_BATCH = 256
 """Linear scaling rule (Goyal et al. 2017, as in DINO): peak lr = lr * global_batch / 256."""
+MIN_LR_FRACTION = 0.02
+"""Default final lr of the cosine decay as a fraction of the peak: the reference's min_lr 1e-6 at its
+lr 5e-5 for a global batch of 256, kept in proportion at any batch."""
 
 
 @dataclass
@@ -120,8 +123,9 @@ class DataConfig:
 class OptimConfig:
     lr: float = 5e-5
     """Base learning rate; the peak is lr * global_batch / 256 (linear scaling)."""
-    min_lr: float = 1e-6
-    """Final learning rate of the cosine decay; must be below the scaled peak."""
+    min_lr: float | None = None
+    """Final learning rate of the cosine decay. None: MIN_LR_FRACTION of the scaled peak (1e-6 at
+    the default lr and a global batch of 256, as the reference); a number must be below the peak."""
     warmup_steps: int = 1000
     """Linear lr warmup from 0 to the peak, in optimizer steps."""
     weight_decay: float = 0.04
@@ -139,7 +143,7 @@ class OptimConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
-        if self.min_lr < 0:
+        if self.min_lr is not None and self.min_lr < 0:
             raise UserError(f"optim.min_lr must be >= 0, got {self.min_lr}")
         if self.warmup_steps < 0 or self.freeze_last_layer_steps < 0:
             raise UserError("optim.warmup_steps and optim.freeze_last_layer_steps must be >= 0, got "
@@ -265,7 +269,8 @@ _FLAGS = [
     ("--resume", "run", "resume", str, "`auto` (newest checkpoint in output_dir, if any) or a tag like step_2000"),
     ("--seed", "run", "seed", int, "seed of model init, sampling and augmentation (default 0)"),
     ("--lr", "optim", "lr", float, "base lr; peak = lr * global_batch / 256 (default 5e-5)"),
-    ("--min_lr", "optim", "min_lr", float, "final lr of the cosine decay, below the peak (default 1e-6)"),
+    ("--min_lr", "optim", "min_lr", float, "final lr of the cosine decay, below the peak (default 0.02 x the peak: 1e-6 at "
+     "lr 5e-5 and a global batch of 256)"),
     ("--warmup_steps", "optim", "warmup_steps", int, "linear lr warmup steps (default 1000)"),
     ("--preset", "model", "preset", str, "model size: tiny (F=12), B (48), L (96), H (192) (default B)"),
     ("--feature_size", "model", "feature_size", int, "SwinUNETR feature size, overrides --preset"),
@@ -324,15 +329,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def peak_lr(cfg: TrainConfig, world_size: int) -> float:
-    """lr * global_batch / 256, and the check the reference code lacked (its 'decay' rose)."""
+def lr_range(cfg: TrainConfig, world_size: int) -> tuple[float, float]:
+    """(peak, final) lr of the schedule: peak = lr * global_batch / 256; final = min_lr, or
+    MIN_LR_FRACTION of the peak when unset (a fixed default would exceed the peak of a small global
+    batch, e.g. one GPU); and the check the reference code lacked (its 'decay' rose)."""
     global_batch = cfg.run.batch_size * cfg.run.grad_accum * world_size
     peak = cfg.optim.lr * global_batch / LR_SCALING_BATCH
+    if cfg.optim.min_lr is None:
+        return peak, MIN_LR_FRACTION * peak
     if cfg.optim.min_lr >= peak:
         raise UserError(f"min_lr {cfg.optim.min_lr:g} must be below the peak lr {peak:g} "
                         f"(= lr {cfg.optim.lr:g} * global batch {global_batch} / {LR_SCALING_BATCH}); "
                         "lower --min_lr or raise --lr")
-    return peak
+    return peak, cfg.optim.min_lr
 
 
 def resolve_ds_config(path: str, cfg: TrainConfig, world_size: int, monitor_dir: str) -> dict:

@@ -21,7 +21,7 @@ import torch
 
 from alice_ds.console import console, progress, warn
 from alice_ds.engine import checkpoint as ckpt
-from alice_ds.engine.config import TrainConfig, global_batch, peak_lr, resolve_ds_config
+from alice_ds.engine.config import TrainConfig, global_batch, lr_range, resolve_ds_config
 from alice_ds.engine.cpu_bf16 import guard_cpu_bf16_conv3d
 from alice_ds.engine.distenv import DistEnv
 from alice_ds.engine.ema import TeacherEMA
@@ -122,7 +122,8 @@ class Trainer:
         self.rank, self.world = env.rank, env.world_size
         self.is_main = self.rank == 0
         self._check_cache_spacing()
-        self.peak_lr = peak_lr(cfg, self.world)  # user mistakes first, before any rendezvous
+        # user mistakes first, before any rendezvous; config.json records the final lr that runs
+        self.peak_lr, cfg.optim.min_lr = lr_range(cfg, self.world)
         deepspeed.init_distributed()
         self.global_batch = global_batch(cfg, self.world)
         self.sched = Schedules(total_steps=cfg.run.num_steps, peak_lr=self.peak_lr, min_lr=cfg.optim.min_lr,
@@ -297,12 +298,15 @@ class Trainer:
             self.ema.update(v.momentum)
         self.step += 1
         dt = time.perf_counter() - t0
+        memory = {}
+        if self.engine.device.type == "cuda":  # high-water mark of this rank's allocations since the start
+            memory["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.engine.device) / 2**30
         return {"step": self.step, **sums, "lr": v.lr, "weight_decay": v.weight_decay, "momentum": v.momentum,
                 "teacher_temp": float(out["teacher_temp"]), "skipped": skipped,
                 "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
                 "optimizer_skipped": optimizer_skipped, "skipped_updates": self.skipped_updates,
                 "nonfinite_total": self.nonfinite_total, "step_time_s": dt,
-                "samples_per_s": self.global_batch / dt}
+                "samples_per_s": self.global_batch / dt, **memory}
 
     def _last_checkpoint(self) -> str:
         last = ckpt.step_tags(self.ckpt_root)
@@ -369,7 +373,8 @@ class Trainer:
         console.print(f"alice-ds pretraining: world {self.world} ({self.env.launcher}), ZeRO-{self.zero_stage}, "
                       f"F={c.model.feature_size}, roi {c.data.roi}^3, student {n_student / 1e6:.1f}M params, "
                       f"global batch {self.global_batch} = {c.run.batch_size} x {c.run.grad_accum} x "
-                      f"{self.world}, peak lr {self.peak_lr:.3g}, {c.run.num_steps} steps -> {self.out}")
+                      f"{self.world}, lr {self.peak_lr:.3g} -> {c.optim.min_lr:.3g}, {c.run.num_steps} steps "
+                      f"-> {self.out}")
 
     def run(self) -> int:
         """Train to `num_steps`; returns the exit status (0 also after a preemption checkpoint)."""
