@@ -51,6 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--bf16", action="store_true", help="run under bf16 autocast (CUDA); fp32 otherwise")
+    p.add_argument("--cudnn_benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True (cuDNN times its convolution algorithms "
+                        "once per shape; the trainer does this on CUDA)")
+    p.add_argument("--channels_last", action="store_true", help="weights and input in channels_last_3d")
+    p.add_argument("--compile", action="store_true",
+                   help="time torch.compile(ours) in place of ours (MONAI and the checkpointed variant stay "
+                        "eager; compilation happens in the untimed warm-up)")
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="after timing, profile one `ours fwd+bwd` and print its K most expensive ops")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full report (every timing) to OUT")
     return p.parse_args(argv)
 
@@ -69,11 +78,15 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     f, r, b = args.feature_size, args.roi, args.batch
 
-    ours = SwinBackbone(f, seed=0).to(device)
-    ours_ckpt = SwinBackbone(f, checkpoint_activations=True, seed=0).to(device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    fmt = torch.channels_last_3d if args.channels_last else torch.contiguous_format
+    ours = SwinBackbone(f, seed=0).to(device, memory_format=fmt)
+    ours_ckpt = SwinBackbone(f, checkpoint_activations=True, seed=0).to(device, memory_format=fmt)
     monai_net = SwinUNETR(in_channels=1, out_channels=1, feature_size=f).to(device)
     monai_net.load_state_dict(ours.monai_state_dict(), strict=True)
-    x = torch.rand(b, 1, r, r, r, generator=torch.Generator().manual_seed(0)).to(device)
+    monai_net = monai_net.to(memory_format=fmt)
+    x = torch.rand(b, 1, r, r, r, generator=torch.Generator().manual_seed(0)).to(device).contiguous(
+        memory_format=fmt)
 
     def sync():
         if device.type == "cuda":
@@ -109,7 +122,11 @@ def main(argv=None) -> int:
         "MONAI fwd (no_grad)": teacher_forward(monai_net, monai_recon),
         "ours fwd (no_grad)": teacher_forward(ours, ours_recon),
     }
-    flops = {name: count_flops(run) for name, run in variants.items()}  # also a warm-up of each
+    flops = {name: count_flops(run) for name, run in variants.items()}  # eager, also a warm-up of each
+    if args.compile:
+        compiled = torch.compile(ours)
+        variants["ours fwd+bwd"] = train_step(compiled, ours_recon)
+        variants["ours fwd (no_grad)"] = teacher_forward(compiled, ours_recon)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() \
         or platform.machine()
     peak_tflops = datasheet_tflops(device_name) if device.type == "cuda" and args.bf16 else None
@@ -152,8 +169,19 @@ def main(argv=None) -> int:
     cols += [f"MFU % of {peak_tflops}"] if peak_tflops else []
     cols += ["peak GiB"] if device.type == "cuda" else []
     title = (f"SwinBackbone vs MONAI SwinUNETR, F={f}, {r}^3, batch {b}, {device.type}"
-             f"{' bf16' if args.bf16 else ' fp32'}, {args.repeats} runs")
+             f"{' bf16' if args.bf16 else ' fp32'}, {args.repeats} runs"
+             + "".join(f", {k}" for k in ("cudnn_benchmark", "channels_last", "compile") if getattr(args, k)))
     console.print(table(title, cols, rows))
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            variants["ours fwd+bwd"]()
+            sync()
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=60))
 
     if args.json:
         report = {

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU with TRITON_INTERPRET=0 (the interpreter runs these kernels in test_kernels.py)")
 
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
-TOL = {torch.float32: dict(ce=dict(atol=2e-4, rtol=1e-5), grad=dict(atol=5e-5, rtol=1e-4)),
+# fp32: gradients reach w/τs = 15 and the GPU reference reduces in another order than the kernel; one
+# entry in 2M differed by 6.5e-5 on an H200 (2026-11-26), hence atol 2e-4 (~1e-5 of the largest entry)
+TOL = {torch.float32: dict(ce=dict(atol=2e-4, rtol=1e-5), grad=dict(atol=2e-4, rtol=1e-4)),
        # bf16 inputs: both paths read the same bf16 values and accumulate in fp32; the reference
        # rounds its intermediate softmax to bf16, so its gradient carries bf16's 2^-8 relative error
        torch.bfloat16: dict(ce=dict(atol=1e-2, rtol=1e-3), grad=dict(atol=2e-2, rtol=2e-2))}

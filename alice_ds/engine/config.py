@@ -206,6 +206,9 @@ class RunConfig:
     seed: int = 0
     max_nonfinite: int = 10
     """Stop with an error after this many consecutive steps with a NaN/Inf loss."""
+    cudnn_benchmark: bool = True
+    """On CUDA, let cuDNN time its convolution algorithms once per shape and keep the fastest (crops
+    have one size, so this pays after the first steps); false for bitwise-repeatable GPU runs."""
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "num_steps", "log_every", "val_batches", "max_nonfinite"):

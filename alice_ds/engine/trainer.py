@@ -141,6 +141,8 @@ class Trainer:
         on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
         if on_cpu:
             guard_cpu_bf16_conv3d(module)  # bf16 autocast Conv3d weight-gradient bug (engine/cpu_bf16.py)
+        else:
+            torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
         optimizer = torch.optim.AdamW(module.param_groups(), lr=0.0, weight_decay=0.0, betas=cfg.optim.betas)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                                  config=ds_config)
