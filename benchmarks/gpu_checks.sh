@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of alice-ds in one go, most important first (about 6-8 minutes on one H100/H200):
+# The GPU checks of alice-ds in one go, most important first (about 5-6 minutes on one H200):
 #   info         GPU, driver, versions
 #   kernel_tests tests/test_kernels_cuda.py: the Triton kernels compiled for the GPU vs the reference
 #   kernels      benchmarks/kernels.py --dtype bfloat16 (Triton vs eager, GB/s, extra memory)
