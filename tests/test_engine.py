@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 
 from alice_ds.engine.cpu_bf16 import guard_cpu_bf16_conv3d
-from alice_ds.engine.distenv import first_slurm_host, setup_env
+from alice_ds.engine.distenv import (SHM_ALLREDUCE_NAME, SHM_DIR, first_slurm_host, release_cpu_allreduce_buffer,
+                                     setup_env)
 from alice_ds.engine.trainer import FAULT_ENV, FAULT_EXIT_CODE
 from alice_ds.errors import UserError
 
@@ -93,6 +94,26 @@ def _assert_every_update_applied(metrics):
     assert not any(x["optimizer_skipped"] for x in metrics), [x["grad_norm"] for x in metrics]
     assert all(x["grad_norm"] is not None and 0 < x["grad_norm"] < 1e6 for x in metrics), metrics
     assert metrics[-1]["skipped_updates"] == 0
+
+
+def _shm_buffers() -> set:
+    return {p for p in os.listdir(SHM_DIR) if p.startswith("deepspeed_allreduce_buffer_")}
+
+
+def test_release_cpu_allreduce_buffer_unlinks_only_its_own_name():
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "65531"}
+    names = [os.path.join(SHM_DIR, SHM_ALLREDUCE_NAME.format(uid=os.getuid(), addr="127.0.0.1", port="65531",
+                                                              rank=r)) for r in (0, 1)]
+    for n in names:
+        open(n, "wb").close()
+    try:
+        assert release_cpu_allreduce_buffer(1, env) is True
+        assert os.path.exists(names[0]) and not os.path.exists(names[1])
+        assert release_cpu_allreduce_buffer(1, env) is False  # already gone: nothing to do
+    finally:
+        for n in names:
+            if os.path.exists(n):
+                os.unlink(n)
 
 
 def test_cpu_bf16_conv3d_guard():
@@ -253,9 +274,11 @@ def test_nan_losses_skipped_then_stop_keeps_last_checkpoint(ds_launch, engine_in
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text((engine_inputs / "tiny.yaml").read_text().replace("run: {", "run: {max_nonfinite: 2, "))
     out = tmp_path / "run"
+    shm_before = _shm_buffers()
     (proc,) = ds_launch(out, "zero1_bf16", 4, ["--config", str(cfg)], env={FAULT_ENV: "nan:1:2:1,nan:0:3"})
     log = " ".join((out / "launch0.log").read_text().split())  # undo console line wrapping
     assert proc.returncode == 2, log[-3000:]  # a TrainingError is a user-facing error: exit 2
+    assert _shm_buffers() == shm_before, "the run left shared memory behind"
     ck = out / "checkpoints"
     assert (f"2 non-finite losses in a row at step 3: stopping; last good checkpoint: {ck / 'step_2'}" in log)
     assert "step 2: non-finite loss on 1 rank(s), micro-batch skipped (1 in a row, 1 in total)" in log

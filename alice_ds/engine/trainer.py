@@ -23,7 +23,7 @@ from alice_ds.console import console, progress, warn
 from alice_ds.engine import checkpoint as ckpt
 from alice_ds.engine.config import TrainConfig, global_batch, lr_range, resolve_ds_config
 from alice_ds.engine.cpu_bf16 import guard_cpu_bf16_conv3d
-from alice_ds.engine.distenv import DistEnv
+from alice_ds.engine.distenv import DistEnv, release_cpu_allreduce_buffer
 from alice_ds.engine.ema import TeacherEMA
 from alice_ds.engine.schedules import Schedules
 from alice_ds.errors import DataError, UserError
@@ -125,6 +125,9 @@ class Trainer:
         # user mistakes first, before any rendezvous; config.json records the final lr that runs
         self.peak_lr, cfg.optim.min_lr = lr_range(cfg, self.world)
         deepspeed.init_distributed()
+        if deepspeed.get_accelerator().device_name() == "cpu" and self.world > 1:
+            torch.distributed.barrier()  # every rank has mapped the others' shared-memory buffers
+            release_cpu_allreduce_buffer(self.rank)
         self.global_batch = global_batch(cfg, self.world)
         self.sched = Schedules(total_steps=cfg.run.num_steps, peak_lr=self.peak_lr, min_lr=cfg.optim.min_lr,
                                warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay,
