@@ -10,7 +10,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-console = Console(stderr=True)
+LOG_WIDTH = 120
+"""Columns when stderr is a file or pipe (a cluster job's log) and COLUMNS is unset: rich's 80 cut
+lines such as the trainer's start-up summary in two."""
+console = Console(stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else LOG_WIDTH)
 """Progress and tables go to stderr so that stdout stays machine-readable (`--json` output)."""
 
 

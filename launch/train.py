@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = config.config_from_args(args)
         env = setup_env()
-        return Trainer(cfg, env).run()
+        rc = Trainer(cfg, env).run()
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # NCCL warns at exit otherwise
+            dist.destroy_process_group()
+        return rc
     except UserError as e:
         fail(str(e))
         return 2
