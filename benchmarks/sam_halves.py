@@ -2,7 +2,8 @@
 
 On cases with known landmarks (phantoms), for the embeddings of `--embed_dir`:
 
-- `learned, window`: the Matcher as the pair sampler uses it (coarse argmax, fine window);
+- `learned, window`: the Matcher as the pair sampler uses it (fine windows around the best coarse
+  voxels; `--candidates`, default as the Matcher's);
 - `learned, global`: (fine + coarse) / 2 at every fine voxel (`Matcher(search="global")`);
 - `learned coarse alone`: the coarse argmax voxel (`Matcher(search="coarse")`), no fine search;
 - `learned fine + oracle coarse`: the learned fine grid with a ground-truth coarse grid
@@ -25,6 +26,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from alice_ds.sam import DEFAULT_CANDIDATES
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--landmarks", required=True, help="landmark folder (alice-ds phantom writes P/landmarks)")
     p.add_argument("--json_list", default=None, help="datalist: evaluate its validation cases only")
     p.add_argument("--window", type=int, default=None, help="fine-search window (default: the Matcher's)")
+    p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                   help="coarse candidates of the window searches (1: the coarse argmax alone)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results here")
     args = p.parse_args(argv)
 
@@ -67,14 +72,16 @@ def main(argv=None) -> int:
                                         ("learned coarse alone", args.embed_dir, "coarse"),
                                         ("learned fine + oracle coarse", mixed_dir, "window"),
                                         ("oracle", oracle_dir, "window")):
-            results[name] = evaluate(directory, marks, window=window, only=set(cases), search=search)["overall"]
+            results[name] = evaluate(directory, marks, window=window, only=set(cases), search=search,
+                                     candidates=args.candidates)["overall"]
     rows = [[name, r["n"], f"{r['median_mm']:.1f}", f"{r['mean_mm']:.1f}", f"{100 * r['within_10mm']:.1f}",
              axes_cell(r)] for name, r in results.items()]
-    console.print(table(f"SAM halves: {len(cases)} cases, window {window}",
+    console.print(table(f"SAM halves: {len(cases)} cases, window {window}, {args.candidates} coarse candidates",
                         ["embeddings", "n", "median mm", "mean mm", "% within 10 mm",
                          AXES_HEADER], rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"cases": cases, "window": window, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"cases": cases, "window": window, "candidates": args.candidates,
+                                               "results": results}, indent=2))
     return 0
 
 

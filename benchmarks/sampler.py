@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     ap.add_argument("--device_batch", type=int, default=8,
                     help="pairs per apply_device_augment call (augment_on='device'), timed on this CPU")
+    ap.add_argument("--match_candidates", type=int, default=PairConfig.match_candidates,
+                    help="coarse candidates per matcher point (PairConfig.match_candidates)")
     ap.add_argument("--seed", type=int, default=0, help="phantom and sampling seed")
     ap.add_argument("--score_threshold", type=float, default=PairConfig.score_threshold,
                     help="acceptance threshold for both samplers; oracle embeddings score ~1 at a true "
@@ -241,9 +243,10 @@ def main(argv=None) -> int:
 
     results = {}
     thr = args.score_threshold
-    for name, cfg in (("plain", PairConfig(roi=args.roi, rotation=0.0, noise_std=0.0, score_threshold=thr)),
-                      ("augmented", PairConfig(roi=args.roi, score_threshold=thr)),
-                      ("device_aug", PairConfig(roi=args.roi, score_threshold=thr, augment_on="device"))):
+    common = dict(roi=args.roi, score_threshold=thr, match_candidates=args.match_candidates)
+    for name, cfg in (("plain", PairConfig(**common, rotation=0.0, noise_std=0.0)),
+                      ("augmented", PairConfig(**common)),
+                      ("device_aug", PairConfig(**common, augment_on="device"))):
         ds = PairDataset(cache, embed, cfg, seed=args.seed, rank=0, world_size=1)
         stages = Stages(ds)
         it = iter(ds)
@@ -299,7 +302,7 @@ def main(argv=None) -> int:
         "config": {"roi": args.roi, "spacing_mm": args.spacing, "num_cases": args.num_cases,
                    "case_shapes": shapes, "pairs": args.pairs, "baseline_pairs": args.baseline_pairs,
                    "repeats": args.repeats, "device_batch": args.device_batch, "torch_threads": 1,
-                   "sampler": PairConfig(roi=args.roi, score_threshold=thr).__dict__},
+                   "sampler": PairConfig(**common).__dict__},
         "device": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                    "torch": torch.__version__, "numpy": np.__version__},
     }

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from alice_ds.errors import DataError
 from alice_ds.sam.geometry import index_to_world, sample_channels_last, scaled_affine, world_to_index
 from alice_ds.sam.io import REQUIRED_META, list_embeddings, open_embedding, write_embedding
-from alice_ds.sam.matcher import Matcher
+from alice_ds.sam.matcher import Matcher, coarse_candidates
 
 FINE_MM = 4.0
 COARSE_STRIDE = 16
@@ -160,8 +160,11 @@ def test_global_search_is_the_argmax_over_every_fine_voxel(embed_dir):
     far = np.linalg.norm(index_to_world(key.coarse_affine, [decoy]) - p)
     assert far > 100
 
-    window, _ = Matcher(embed_dir, window=6).match("A_0000", "B_0000", p)
+    window, window_score = Matcher(embed_dir, window=6, candidates=1).match("A_0000", "B_0000", p)
     assert np.linalg.norm(window - p) > 50  # the window (24 mm) went to the decoy
+    # the second coarse candidate's window holds the point, and beats the decoy's window
+    found2, score2 = Matcher(embed_dir, window=6, candidates=2).match("A_0000", "B_0000", p)
+    assert np.linalg.norm(found2 - p) <= FINE_MM and score2[0] > window_score[0] + 0.1
     coarse_only, coarse_score = Matcher(embed_dir, search="coarse").match("A_0000", "B_0000", p)
     np.testing.assert_allclose(coarse_only, index_to_world(key.coarse_affine, [decoy]), atol=1e-6)
     assert float(coarse_score[0]) == pytest.approx(1.0, abs=1e-3)  # the decoy is qc itself (fp16)
@@ -188,3 +191,25 @@ def test_global_self_match_and_bad_search(embed_dir):
     assert scores.min() > 0.99
     with pytest.raises(ValueError, match="search must be one of"):
         Matcher(embed_dir, search="everywhere")
+
+
+def test_coarse_candidates_order_and_suppression():
+    """Descending similarity; a voxel within one coarse voxel (Chebyshev) of a taken one is skipped;
+    a point whose pool runs out of free voxels repeats its last candidate."""
+    shape = (6, 5, 4)
+    sim = np.full((2, 120), -1.0, dtype=np.float32)
+    flat = lambda *ijk: np.ravel_multi_index(ijk, shape)
+    sim[0, flat(2, 2, 2)] = 0.9
+    sim[0, flat(3, 3, 3)] = 0.8  # a neighbour of the best: suppressed
+    sim[0, flat(5, 0, 0)] = 0.7
+    sim[0, flat(0, 4, 3)] = 0.6
+    sim[1] = np.linspace(0, 1, 120)  # best at the last voxel (5, 4, 3)
+    got = coarse_candidates(sim, shape, 3)
+    assert got.shape == (2, 3, 3)
+    assert got[0].tolist() == [[2, 2, 2], [5, 0, 0], [0, 4, 3]]
+    assert got[1, 0].tolist() == [5, 4, 3]
+    assert all(np.abs(got[1, i] - got[1, j]).max() > 1 for i in range(3) for j in range(i))
+    tiny = coarse_candidates(np.array([[0.1, 0.9]], dtype=np.float32), (1, 1, 2), 3)  # one free peak
+    assert tiny.tolist() == [[[0, 0, 1]] * 3]
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        Matcher(".", candidates=0)

@@ -43,6 +43,7 @@ from alice_ds.data.augment import PARAM_KEYS, ViewAugment, augment_batch
 from alice_ds.data.cache import AIR_HU, hu_window, list_cases, open_case
 from alice_ds.data.masks import block_mask
 from alice_ds.errors import DataError, UserError
+from alice_ds.sam import DEFAULT_CANDIDATES
 from alice_ds.sam.io import open_embedding
 from alice_ds.sam.matcher import Matcher
 
@@ -91,6 +92,10 @@ class PairConfig:
     4 x 3 case pairs x 32 body points) windows 8 and 20 find the full-volume argmax equally often
     (87% vs 88%), with the same fraction of candidates >= 0.7 and a mean score 0.006 vs 0.002 below
     the full search, at 7 vs 44 CPU-ms per call (window 6: 84%, 6 ms)."""
+    match_candidates: int = DEFAULT_CANDIDATES
+    """Coarse voxels whose fine windows the matcher searches (`Matcher(candidates=...)`; 1 = the
+    coarse argmax alone, as the reference). More candidates cost fine windows: see the sampler
+    benchmark in the README."""
     max_retries: int = 3
     """Extra matcher calls (new partner, new candidates) before falling back to an intra pair."""
     rotation: float = 15.0
@@ -134,6 +139,7 @@ class PairConfig:
             (-1.0 <= self.score_threshold <= 1.0,
              f"score_threshold must be in [-1, 1] (a cosine similarity), got {self.score_threshold}"),
             (self.match_window >= 1, f"match_window must be >= 1 fine voxel, got {self.match_window}"),
+            (self.match_candidates >= 1, f"match_candidates must be >= 1, got {self.match_candidates}"),
             (self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries}"),
             (0.0 <= self.rotation <= 180.0, f"rotation must be in [0, 180] degrees, got {self.rotation}"),
             (0.0 <= self.rotation_prob <= 1.0, f"rotation_prob must be in [0, 1], got {self.rotation_prob}"),
@@ -194,7 +200,8 @@ class PairDataset(IterableDataset):
 
     `cases` restricts the sampler to those ids (a datalist split); `rank`/`world_size` default to
     the process group; `epochs=None` streams forever; `matcher` is anything with the
-    `Matcher.match` signature (default: `Matcher(embed_dir, window=config.match_window)`, built
+    `Matcher.match` signature (default: `Matcher(embed_dir, window=config.match_window,
+    candidates=config.match_candidates)`, built
     lazily in each worker).
     """
 
@@ -268,7 +275,8 @@ class PairDataset(IterableDataset):
     def matcher(self):
         """The SAM matcher of this process, built on first use (inside each DataLoader worker)."""
         if self._matcher is None:
-            self._matcher = Matcher(self.embed_dir, window=self.config.match_window)
+            self._matcher = Matcher(self.embed_dir, window=self.config.match_window,
+                                    candidates=self.config.match_candidates)
         return self._matcher
 
     def _case(self, case_id: str):

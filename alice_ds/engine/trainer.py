@@ -125,8 +125,9 @@ class Trainer:
         # user mistakes first, before any rendezvous; config.json records the final lr that runs
         self.peak_lr, cfg.optim.min_lr = lr_range(cfg, self.world)
         deepspeed.init_distributed()
-        if deepspeed.get_accelerator().device_name() == "cpu" and self.world > 1:
-            torch.distributed.barrier()  # every rank has mapped the others' shared-memory buffers
+        if deepspeed.get_accelerator().device_name() == "cpu":  # a world of one has a buffer too
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()  # every rank has mapped the others' shared-memory buffers
             release_cpu_allreduce_buffer(self.rank)
         self.global_batch = global_batch(cfg, self.world)
         self.sched = Schedules(total_steps=cfg.run.num_steps, peak_lr=self.peak_lr, min_lr=cfg.optim.min_lr,

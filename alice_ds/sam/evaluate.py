@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from alice_ds.sam import DEFAULT_WINDOW, SEARCH_MODES
+from alice_ds.cli import positive_int
+from alice_ds.sam import DEFAULT_CANDIDATES, DEFAULT_WINDOW, SEARCH_MODES
 
 WITHIN_MM = 10.0
 AXES_HEADER = "median |x|/|y|/|z| mm"
@@ -27,10 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json_list", default=None,
                    help="decathlon datalist: evaluate only its 'validation' cases (held out from sam-train)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing N random pairs")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+    p.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW,
                    help="fine-search window edge in fine voxels around the coarse match")
+    p.add_argument("--candidates", type=positive_int, default=DEFAULT_CANDIDATES,
+                   help="window search: fine windows around this many best coarse voxels (kept at least "
+                        "two coarse voxels apart); the best (fine + coarse) / 2 among them wins; 1 = the "
+                        "coarse argmax alone, as the reference")
     p.add_argument("--search", choices=SEARCH_MODES, default="window",
-                   help="'window': fine search around the coarse argmax (as the pair sampler "
+                   help="'window': fine search around the best coarse voxels (as the pair sampler "
                         "matches); 'global': (fine + coarse) / 2 at every fine voxel of the key case "
                         "(slower; shows what a wrong coarse argmax costs); 'coarse': the coarse "
                         "argmax alone (where the coarse half points)")
@@ -98,11 +103,11 @@ def axes_cell(summary: dict) -> str:
 
 
 def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int = DEFAULT_WINDOW,
-             on_pair=None, only=None, search: str = "window") -> dict:
+             on_pair=None, only=None, search: str = "window", candidates: int = DEFAULT_CANDIDATES) -> dict:
     """Match every common landmark over the chosen case pairs. -> {"overall": summary,
     "per_landmark": {name: summary}, "pairs": n, "cases": [...]} (summary: n, mean_mm, median_mm,
-    within_10mm as a fraction, median_abs_xyz_mm). `only`: restrict to these case ids; `search`:
-    the Matcher's."""
+    within_10mm as a fraction, median_abs_xyz_mm). `only`: restrict to these case ids; `search`,
+    `candidates`: the Matcher's."""
     import itertools
 
     import numpy as np
@@ -121,7 +126,7 @@ def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int
         n = int(pairs)
         rng = np.random.default_rng(seed)
         ordered = [ordered[i] for i in rng.permutation(len(ordered))[:n]]
-    matcher = Matcher(embed_dir, window=window, search=search)
+    matcher = Matcher(embed_dir, window=window, search=search, candidates=candidates)
     per: dict[str, list[np.ndarray]] = {}  # landmark -> match - landmark offsets [3] mm
     for q, k in ordered:
         lq, lk = landmarks[case_key(q)], landmarks[case_key(k)]
@@ -158,7 +163,8 @@ def run(args) -> int:
     with progress() as bar:
         task = bar.add_task("sam-eval", total=total)
         res = evaluate(args.embed_dir, marks, args.pairs, args.seed, args.window,
-                       on_pair=lambda: bar.advance(task), only=only, search=args.search)
+                       on_pair=lambda: bar.advance(task), only=only, search=args.search,
+                       candidates=args.candidates)
     res["seconds_per_pair"] = (time.time() - t0) / max(res["pairs"], 1)
     rows = [[name, s["n"], f"{s['mean_mm']:.2f}", f"{s['median_mm']:.2f}", f"{100 * s['within_10mm']:.1f}",
              axes_cell(s)]
@@ -170,7 +176,7 @@ def run(args) -> int:
     if args.json:
         doc = {**res["overall"], "overall": res["overall"], "per_landmark": res["per_landmark"],
                "pairs": res["pairs"], "cases": res["cases"], "seconds_per_pair": res["seconds_per_pair"],
-               "search": args.search, "window": args.window}
+               "search": args.search, "window": args.window, "candidates": args.candidates}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2))
     return 0

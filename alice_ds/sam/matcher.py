@@ -7,6 +7,11 @@ map of the file (only the window's pages are touched; no fine grid is copied). A
 through one coarse matrix product; each point's window through one matrix-vector product. The
 reference code instead ran a full-volume search up to 101 times per training step.
 
+The window search visits the windows of the `candidates` best coarse voxels (each more than one
+coarse voxel from the others; DEFAULT_CANDIDATES) and keeps the best (fine + coarse) / 2 among
+them: a coarse argmax at the wrong body level, common with a weak coarse half, no longer decides
+the match alone. `candidates=1` is the reference's single coarse argmax.
+
 `search="global"` scores (fine + coarse) / 2 at every fine voxel of the key case instead (the fine
 grid streamed from the memory map in slabs of GLOBAL_SLAB_PLANES), without trusting the coarse
 argmax. It is for evaluation and debugging, where a weak coarse embedding sends the window
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alice_ds.sam import DEFAULT_WINDOW, SEARCH_MODES
+from alice_ds.sam import DEFAULT_CANDIDATES, DEFAULT_WINDOW, SEARCH_MODES
 from alice_ds.sam.geometry import index_to_world, normalized_grid, sample_channels_last, world_to_index
 from alice_ds.sam.io import EmbeddingFile, open_embedding
 
@@ -44,6 +49,9 @@ POINTS_PER_CHUNK = 64
 voxels; 64 x 8000 x 3 int64 = 12 MB at the default window). The fine windows themselves pass one
 at a time through a reused buffer (a window of 20^3 x 128 fp32 is 4 MB: a [32, W, 128] stack of
 them was 131 MB and memory-bound, 0.4 s per call)."""
+CANDIDATE_POOL = 64
+"""Best coarse voxels per point from which the candidates are picked (with their neighbours
+suppressed, DEFAULT_CANDIDATES fit easily)."""
 GLOBAL_SLAB_PLANES = 8
 """x-planes of the fine grid scored at once by the global search: a slab of 8 x 100 x 100 fine voxels
 is 41 MB in fp32 and its [64, 80000] similarity block 20 MB."""
@@ -55,11 +63,14 @@ class Matcher:
     instance built before a DataLoader forks can be used in every worker."""
 
     def __init__(self, embed_dir, window: int = DEFAULT_WINDOW, cache_size: int = DEFAULT_CACHE,
-                 search: str = "window"):
+                 search: str = "window", candidates: int = DEFAULT_CANDIDATES):
         if search not in SEARCH_MODES:
             raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
         if window < 1:
             raise ValueError(f"window must be >= 1 fine voxel, got {window}")
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1 coarse voxel, got {candidates}")
+        self.candidates = int(candidates)
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         self.embed_dir = embed_dir
@@ -121,13 +132,23 @@ class Matcher:
         # argmax: 0.03 ms vs torch's 0.4 ms for [32, 15k] on one core)
         if self.search == "coarse":
             return index_to_world(ef.coarse_affine, best_c), sim_c.numpy().max(1)
-        centre = np.rint(world_to_index(ef.fine_affine, index_to_world(ef.coarse_affine, best_c)))
+        if self.search == "window":
+            cands = best_c[:, None] if self.candidates == 1 else coarse_candidates(
+                sim_c.numpy(), cshape, self.candidates)  # [P, K, 3]
         sim_c = sim_c.view(len(pts), 1, *cshape)  # [P, Nc] -> [P, 1, Xc, Yc, Zc]
         matched, scores = [], []
         for s in range(0, len(pts), POINTS_PER_CHUNK):
             sl = slice(s, s + POINTS_PER_CHUNK)
-            if self.search == "window":
-                m, sc = self._fine_search(ef, sim_c[sl], centre[sl], qf[sl])
+            if self.search == "window":  # the best of the candidates' windows
+                m, sc = None, None
+                for k in range(cands.shape[1]):
+                    centre = np.rint(world_to_index(ef.fine_affine, index_to_world(ef.coarse_affine, cands[sl, k])))
+                    mk, sk = self._fine_search(ef, sim_c[sl], centre, qf[sl])
+                    if m is None:
+                        m, sc = mk, sk
+                    else:
+                        better = sk > sc
+                        m[better], sc[better] = mk[better], sk[better]
             else:
                 m, sc = self._global_search(ef, kcoarse, qf[sl], qc[sl])
             matched.append(m)
@@ -201,6 +222,27 @@ class Matcher:
             score = torch.maximum(s, score)
             best[better] = ijk[arg.numpy()[better]]
         return index_to_world(ef.fine_affine, best), score.numpy()
+
+
+def coarse_candidates(sim_c: np.ndarray, cshape, k: int) -> np.ndarray:
+    """Up to `k` coarse voxels per point by descending similarity, each more than one coarse voxel
+    (Chebyshev) from those taken before it: sim_c [P, Nc] over the key's coarse grid of shape
+    `cshape` -> coarse indices [P, k, 3] (the first one the argmax; a point with fewer distinct
+    peaks in its pool repeats its last candidate)."""
+    pool = min(CANDIDATE_POOL, sim_c.shape[1])
+    top = np.argpartition(-sim_c, pool - 1, axis=1)[:, :pool]  # [P, pool], unordered
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(sim_c, top, 1), axis=1), 1)
+    ijk = np.stack(np.unravel_index(top, cshape), axis=-1)  # [P, pool, 3]
+    out = np.empty((len(sim_c), k, 3), dtype=np.int64)
+    for p in range(len(sim_c)):
+        free = np.ones(pool, dtype=bool)
+        j = 0
+        for n in range(k):
+            if free.any():
+                j = int(np.argmax(free))  # the most similar voxel not suppressed yet
+                free &= np.abs(ijk[p] - ijk[p, j]).max(1) > 1
+            out[p, n] = ijk[p, j]
+    return out
 
 
 def _as_tensor(mapped: np.ndarray) -> torch.Tensor:
