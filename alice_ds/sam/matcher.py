@@ -128,13 +128,12 @@ class Matcher:
         ef, kcoarse, keys = self._load(key_case)
         cshape = kcoarse.shape[:3]
         sim_c = qc @ keys  # [P, C] @ [C, Nc] -> [P, Nc]
-        best_c = np.stack(np.unravel_index(sim_c.numpy().argmax(1), cshape), axis=1)  # [P, 3] (NumPy's
-        # argmax: 0.03 ms vs torch's 0.4 ms for [32, 15k] on one core)
         if self.search == "coarse":
+            best_c = np.stack(np.unravel_index(sim_c.numpy().argmax(1), cshape), axis=1)  # [P, 3] (NumPy's
+            # argmax: 0.03 ms vs torch's 0.4 ms for [32, 15k] on one core)
             return index_to_world(ef.coarse_affine, best_c), sim_c.numpy().max(1)
         if self.search == "window":
-            cands = best_c[:, None] if self.candidates == 1 else coarse_candidates(
-                sim_c.numpy(), cshape, self.candidates)  # [P, K, 3]
+            cands = coarse_candidates(sim_c.numpy(), cshape, self.candidates)  # [P, K, 3]
         sim_c = sim_c.view(len(pts), 1, *cshape)  # [P, Nc] -> [P, 1, Xc, Yc, Zc]
         matched, scores = [], []
         for s in range(0, len(pts), POINTS_PER_CHUNK):
@@ -142,7 +141,8 @@ class Matcher:
             if self.search == "window":  # the best of the candidates' windows
                 m, sc = None, None
                 for k in range(cands.shape[1]):
-                    centre = np.rint(world_to_index(ef.fine_affine, index_to_world(ef.coarse_affine, cands[sl, k])))
+                    centre = np.rint(world_to_index(ef.fine_affine,
+                                                    index_to_world(ef.coarse_affine, cands[sl, k])))
                     mk, sk = self._fine_search(ef, sim_c[sl], centre, qf[sl])
                     if m is None:
                         m, sc = mk, sk
