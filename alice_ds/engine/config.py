@@ -24,8 +24,8 @@ ROI_MULTIPLE = 32
 LR_SCALING_BATCH = 256
 """Linear scaling rule (Goyal et al. 2017, as in DINO): peak lr = lr * global_batch / 256."""
 MIN_LR_FRACTION = 0.02
-"""Default final lr of the cosine decay as a fraction of the peak: the reference's min_lr 1e-6 at its
-lr 5e-5 for a global batch of 256, kept in proportion at any batch."""
+"""Default final lr of the cosine decay as a fraction of the peak: the former fixed default 1e-6 at
+lr 5e-5 and a global batch of 256, kept in proportion at any batch."""
 
 
 @dataclass
@@ -125,7 +125,8 @@ class OptimConfig:
     """Base learning rate; the peak is lr * global_batch / 256 (linear scaling)."""
     min_lr: float | None = None
     """Final learning rate of the cosine decay. None: MIN_LR_FRACTION of the scaled peak (1e-6 at
-    the default lr and a global batch of 256, as the reference); a number must be below the peak."""
+    the default lr and a global batch of 256, the former fixed default); a number must be below the
+    peak."""
     warmup_steps: int = 1000
     """Linear lr warmup from 0 to the peak, in optimizer steps."""
     weight_decay: float = 0.04
