@@ -125,7 +125,8 @@ class Trainer:
         # user mistakes first, before any rendezvous; config.json records the final lr that runs
         self.peak_lr, cfg.optim.min_lr = lr_range(cfg, self.world)
         deepspeed.init_distributed()
-        if deepspeed.get_accelerator().device_name() == "cpu":  # a world of one has a buffer too
+        on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
+        if on_cpu:  # a world of one has a buffer too
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()  # every rank has mapped the others' shared-memory buffers
             release_cpu_allreduce_buffer(self.rank)
@@ -142,7 +143,6 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
         module = AliceMetaArch(cfg.model, cfg.loss)
-        on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
         if on_cpu:
             guard_cpu_bf16_conv3d(module)  # bf16 autocast Conv3d weight-gradient bug (engine/cpu_bf16.py)
         else:
