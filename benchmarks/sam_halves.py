@@ -9,14 +9,20 @@ On cases with known landmarks (phantoms), for the embeddings of `--embed_dir`:
 - `learned fine + oracle coarse`: the learned fine grid with a ground-truth coarse grid
   (alice_ds.data.oracle: anatomical position up to an affine landmark fit), window search: what the
   fine half gives when the coarse half is right;
-- `oracle`: both halves from the landmark fit (the accuracy of that fit).
+- `oracle`: both halves from the landmark fit (the accuracy of that fit);
+- `learned fine + atlas coarse` and `atlas oracle` (phantom landmark files only, `--no_atlas` skips
+  them): the same with the generator's exact anatomical frame
+  (`alice_ds.data.oracle.write_atlas_oracle_embedding`) instead of the landmark fit: what a perfect
+  geometric coarse half gives, and exact correspondence up to the per-case organ shifts (the
+  ceiling of anatomy mapped geometrically, on landmarks that move with their organ).
 
     python benchmarks/sam_halves.py --embed_dir E --cache_dir C --landmarks P/landmarks \
         [--json_list P.json] [--json OUT]
 
 `--json_list`: only its validation cases (held out from sam-train). The oracle's reference frame is
 the landmark set of the first case that has one. Prints a table (with the median absolute error per
-world axis: on phantoms the coarse half errs along z); `--json` writes the same numbers.
+world axis: on phantoms the coarse half errs along z); `--json` writes the same numbers, and per
+landmark.
 """
 
 from __future__ import annotations
@@ -38,13 +44,28 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=None, help="fine-search window (default: the Matcher's)")
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                    help="coarse candidates of the window searches (1: the coarse argmax alone)")
+    p.add_argument("--no_atlas", action="store_true",
+                   help="skip the atlas-oracle rows (needs phantom landmark files with info.generator)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results here")
     args = p.parse_args(argv)
 
+    from alice_ds.console import fail
+    from alice_ds.errors import DataError
+
+    try:
+        return _run(args)
+    except DataError as e:
+        hint = "" if args.no_atlas else " (--no_atlas skips the rows that need phantom landmark files)"
+        fail(f"{e}{hint}")
+        return 2
+
+
+def _run(args) -> int:
     from alice_ds.console import console, table
     from alice_ds.data import case_key
     from alice_ds.data.cache import open_case
-    from alice_ds.data.oracle import write_oracle_embedding
+    from alice_ds.data.oracle import write_atlas_oracle_embedding, write_oracle_embedding
+    from alice_ds.data.phantom import subject_for_landmarks
     from alice_ds.sam import DEFAULT_WINDOW
     from alice_ds.sam.evaluate import AXES_HEADER, axes_cell, evaluate, load_landmarks, validation_cases
     from alice_ds.sam.io import embedding_path, list_embeddings, open_embedding, write_embedding
@@ -55,25 +76,35 @@ def main(argv=None) -> int:
     cases = [c for c in list_embeddings(args.embed_dir)
              if case_key(c) in marks and (only is None or c in only)]
     reference = marks[sorted(marks)[0]]
-    results = {}
+    results, per_landmark = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        oracle_dir, mixed_dir = Path(tmp) / "oracle", Path(tmp) / "mixed"
+        tmp = Path(tmp)
+        rows = [("learned, window", args.embed_dir, "window"), ("learned, global", args.embed_dir, "global"),
+                ("learned coarse alone", args.embed_dir, "coarse"),
+                ("learned fine + oracle coarse", tmp / "mixed", "window"), ("oracle", tmp / "oracle", "window")]
+        if not args.no_atlas:
+            rows += [("learned fine + atlas coarse", tmp / "mixed_atlas", "window"),
+                     ("atlas oracle", tmp / "atlas", "window")]
+        files = {case_key(str(json.loads(f.read_text()).get("case_id", f.stem))): f
+                 for f in Path(args.landmarks).glob("*.json")}  # as load_landmarks keys them
         for c in cases:
             case = open_case(args.cache_dir, c)
-            write_oracle_embedding(embedding_path(oracle_dir, c), c, case.affine, case.shape,
+            learned = open_embedding(args.embed_dir, c)
+            write_oracle_embedding(embedding_path(tmp / "oracle", c), c, case.affine, case.shape,
                                    marks[case_key(c)], reference)
-            learned, oracle = open_embedding(args.embed_dir, c), open_embedding(oracle_dir, c)
-            # each grid keeps its own affine: the Matcher maps the coarse argmax through world mm
-            write_embedding(embedding_path(mixed_dir, c), learned.fine(), oracle.coarse(), learned.fine_affine,
-                            oracle.coarse_affine, learned.fine_stride, oracle.coarse_stride,
-                            f"{learned.meta['model_id']}+oracle-coarse", c)
-        for name, directory, search in (("learned, window", args.embed_dir, "window"),
-                                        ("learned, global", args.embed_dir, "global"),
-                                        ("learned coarse alone", args.embed_dir, "coarse"),
-                                        ("learned fine + oracle coarse", mixed_dir, "window"),
-                                        ("oracle", oracle_dir, "window")):
-            results[name] = evaluate(directory, marks, window=window, only=set(cases), search=search,
-                                     candidates=args.candidates)["overall"]
+            if not args.no_atlas:
+                write_atlas_oracle_embedding(embedding_path(tmp / "atlas", c), c, case.affine, case.shape,
+                                             subject_for_landmarks(files[case_key(c)]))
+            for oracle_name, mixed in (("oracle", "mixed"), ("atlas", "mixed_atlas")):
+                if (tmp / oracle_name).is_dir():
+                    oracle = open_embedding(tmp / oracle_name, c)
+                    # each grid keeps its own affine: the Matcher maps the coarse argmax through world mm
+                    write_embedding(embedding_path(tmp / mixed, c), learned.fine(), oracle.coarse(),
+                                    learned.fine_affine, oracle.coarse_affine, learned.fine_stride,
+                                    oracle.coarse_stride, f"{learned.meta['model_id']}+{oracle_name}-coarse", c)
+        for name, directory, search in rows:
+            r = evaluate(directory, marks, window=window, only=set(cases), search=search, candidates=args.candidates)
+            results[name], per_landmark[name] = r["overall"], r["per_landmark"]
     rows = [[name, r["n"], f"{r['median_mm']:.1f}", f"{r['mean_mm']:.1f}", f"{100 * r['within_10mm']:.1f}",
              axes_cell(r)] for name, r in results.items()]
     console.print(table(f"SAM halves: {len(cases)} cases, window {window}, {args.candidates} coarse candidates",
@@ -81,7 +112,7 @@ def main(argv=None) -> int:
                          AXES_HEADER], rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"cases": cases, "window": window, "candidates": args.candidates,
-                                               "results": results}, indent=2))
+                                               "results": results, "per_landmark": per_landmark}, indent=2))
     return 0
 
 

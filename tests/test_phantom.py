@@ -5,8 +5,12 @@ import json
 import nibabel as nib
 import numpy as np
 
+import pytest
+
 from alice_ds.cli import main
-from alice_ds.data.phantom import LABELS, LANDMARK_LABELS, PHASES, generate_case
+from alice_ds.data.phantom import (LABELS, LANDMARK_LABELS, PHASES, _atlas_landmarks, _Grid, draw_subject,
+                                   generate_case, subject_for_landmarks)
+from alice_ds.errors import DataError
 
 MIN_LANDMARKS = 10
 
@@ -45,6 +49,36 @@ def test_generation_is_deterministic_per_seed():
     np.testing.assert_array_equal(a.affine, b.affine)
     assert a.landmarks == b.landmarks
     assert a.image.shape != c.image.shape or not np.array_equal(a.image, c.image)
+
+
+def test_subject_map_inverts_and_regenerates_from_landmark_files(phantom_dir, tmp_path):
+    """Subject.world_to_atlas is the map the renderer uses (its separable form on the voxel grid)
+    and atlas_to_world's inverse; a landmark file's info.generator regenerates its Subject."""
+    sub = draw_subject(2, seed=0, small=True)
+    grid = _Grid(sub)
+    rng = np.random.default_rng(0)
+    idx = tuple(rng.integers(0, n, 50) for n in sub.shape)
+    world = np.stack([grid.axes[a][idx[a]] for a in range(3)], axis=1)  # [50, 3] voxel centres
+    np.testing.assert_allclose(sub.world_to_atlas(world), np.stack(grid.q_at(idx), axis=1), atol=1e-6)
+    atlas = rng.uniform([-100, -80, 100], [100, 80, 500], (50, 3))
+    np.testing.assert_allclose(sub.world_to_atlas(grid.atlas_to_world(atlas)), atlas, atol=1e-6)
+
+    file = phantom_dir / "landmarks" / "Case_00002.json"
+    doc = json.loads(file.read_text())
+    assert doc["info"]["generator"] == {"seed": 0, "index": 2, "small": True}
+    again = subject_for_landmarks(file)
+    np.testing.assert_allclose(again.world_to_atlas(world), sub.world_to_atlas(world))
+    name, xyz = next(iter(doc["landmarks"].items()))
+    np.testing.assert_allclose(again.world_to_atlas(np.array([xyz]))[0], _atlas_landmarks(again)[name], atol=0.01)
+
+    doc["info"]["generator"]["seed"] = 1  # another dataset's subject: its landmarks differ
+    (tmp_path / "other.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"other\.json: landmarks differ from the regenerated phantom"):
+        subject_for_landmarks(tmp_path / "other.json")
+    del doc["info"]["generator"]
+    (tmp_path / "plain.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"plain\.json: not a phantom landmark file"):
+        subject_for_landmarks(tmp_path / "plain.json")
 
 
 def test_landmarks_and_tissue_values_over_many_subjects():

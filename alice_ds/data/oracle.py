@@ -6,9 +6,13 @@ landmarks (least squares), and the canonical position u is encoded as Fourier fe
 `[cos(2π d_j·u / λ_j), sin(2π d_j·u / λ_j)] / sqrt(J)` over J = 64 fixed (direction, wavelength)
 pairs. Every vector has unit norm and the cosine of two vectors is `mean_j cos(2π d_j·Δu / λ_j)`: a
 smooth function of the canonical distance with its maximum 1 exactly at Δu = 0. Matching with these
-files is therefore as good as the landmark fit: an upper bound for SAM, used by the sampler tests,
-the sampler benchmark and ablations. Files follow docs/interfaces.md (written with
-`alice_ds.sam.io.write_embedding`).
+files is therefore as good as the landmark fit; they serve the sampler tests, the sampler benchmark
+and ablations. Files follow docs/interfaces.md (written with `alice_ds.sam.io.write_embedding`).
+
+For phantoms the canonical frame can also be the generator's exact atlas frame
+(`write_atlas_oracle_embedding`): anatomical correspondence without the affine fit's residual, but
+still blind to each case's own organ shifts, so neither oracle is an upper bound for a learned
+embedding that recognises the organs (README, "SAM anatomical embeddings").
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ COARSE_WAVELENGTHS_MM = (80.0, 600.0)
 """Wavelength ranges of the two encodings: the fine one separates points a few mm apart, the coarse
 one is unambiguous over a whole body."""
 MODEL_ID = "oracle-landmarks-v1"
+ATLAS_MODEL_ID = "oracle-atlas-v1"
 FEATURE_SEED = 1234
 """Seed of the fixed feature directions (the same for every case, so cases are comparable)."""
 
@@ -95,18 +100,49 @@ def write_oracle_embedding(path, case_id: str, volume_affine, volume_shape, land
     """Write `<path>` for a cached volume (`volume_affine` voxel -> mm, RAS, `volume_shape`) whose
     landmarks (world mm) are known. The 2 mm SAM grid starts at the volume's voxel 0 and covers
     its extent; fine and coarse grids sit on it at `FINE_STRIDE` / `COARSE_STRIDE`."""
+    to_canonical = landmark_affine(landmarks, reference)
+    _write(path, case_id, volume_affine, volume_shape, MODEL_ID,
+           lambda aff, shape, wavelengths, offset: grid_features(aff, shape, to_canonical, wavelengths, offset))
+
+
+def write_atlas_oracle_embedding(path, case_id: str, volume_affine, volume_shape, subject) -> None:
+    """Like `write_oracle_embedding`, for a phantom case whose generator Subject is known
+    (`alice_ds.data.phantom.subject_for_landmarks`): the canonical position is the exact atlas mm of
+    `subject.world_to_atlas` (scale, translation and smooth deformation of the case; the per-case
+    organ shifts are not in it). Matching with these files is exact anatomical correspondence up to
+    those organ shifts: a ceiling for any method that maps anatomy geometrically, without telling one
+    organ's displacement from the body's."""
+    _write(path, case_id, volume_affine, volume_shape, ATLAS_MODEL_ID,
+           lambda aff, shape, wavelengths, offset: _atlas_grid_features(aff, shape, subject, wavelengths, offset))
+
+
+def _atlas_grid_features(affine, shape, subject, wavelengths, offset: int) -> torch.Tensor:
+    """`features` of the atlas position of every voxel of a grid -> `[X, Y, Z, 128]`, one x-plane at
+    a time (the map is not affine, so `grid_features`' factorisation does not apply)."""
+    out = torch.empty((*shape, EMBED_DIM))
+    yz = np.stack(np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij"), -1).reshape(-1, 2)
+    for x in range(shape[0]):
+        ijk = np.concatenate([np.full((len(yz), 1), x), yz], axis=1)  # [Y * Z, 3]
+        world = ijk @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+        out[x] = torch.from_numpy(features(subject.world_to_atlas(world), wavelengths, offset)).view(
+            shape[1], shape[2], EMBED_DIM)
+    return out
+
+
+def _write(path, case_id: str, volume_affine, volume_shape, model_id: str, grid_fn) -> None:
+    """The oracle grids of a volume, written by `write_embedding`: `grid_fn(affine, shape,
+    wavelengths, offset)` -> `[X, Y, Z, 128]` per grid."""
     volume_affine = np.asarray(volume_affine, dtype=np.float64)
     spacing = np.sqrt((volume_affine[:3, :3] ** 2).sum(0))
     extent = (np.asarray(volume_shape) - 1) * spacing  # mm between the first and last voxel centre
     sam_affine = volume_affine.copy()
     sam_affine[:3, :3] = volume_affine[:3, :3] / spacing * SAM_SPACING_MM  # same axes, 2 mm voxels
     sam_shape = np.floor(extent / SAM_SPACING_MM).astype(int) + 1
-    to_canonical = landmark_affine(landmarks, reference)
     grids = {}
     for name, stride, wavelengths, offset in (("fine", FINE_STRIDE, FINE_WAVELENGTHS_MM, 0),
                                               ("coarse", COARSE_STRIDE, COARSE_WAVELENGTHS_MM, 1)):
-        shape = -(-sam_shape // np.asarray(stride))  # ceil: the last voxel covers the far edge
+        shape = tuple(int(n) for n in -(-sam_shape // np.asarray(stride)))  # ceil: the last voxel covers the far edge
         aff = scaled_affine(sam_affine, stride)
-        grids[name] = (grid_features(aff, shape, to_canonical, wavelengths, offset), aff)
+        grids[name] = (grid_fn(aff, shape, wavelengths, offset), aff)
     write_embedding(path, grids["fine"][0], grids["coarse"][0], grids["fine"][1], grids["coarse"][1],
-                    FINE_STRIDE, COARSE_STRIDE, MODEL_ID, case_id)
+                    FINE_STRIDE, COARSE_STRIDE, model_id, case_id)

@@ -158,6 +158,17 @@ class Subject:
     organs: dict = field(default_factory=dict)
     hu_jitter: float = 1.0
 
+    def world_to_atlas(self, points) -> np.ndarray:
+        """World mm `[P, 3]` -> atlas mm `[P, 3]`: the subject map (per-axis scale and translation plus
+        the smooth deformation; organ shifts are not part of it). `_Grid` evaluates the same map in
+        its separable form over a voxel grid; `_Grid.atlas_to_world` inverts it."""
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        d, (ox, oy, oz), (sx, sy, sz) = self.deform, self.origin, self.scale
+        x, y, z = p[:, 0], p[:, 1], p[:, 2]
+        return np.stack([(x - ox) / sx + d["xx"](x) + d["xy"](y) + d["xz"](z),
+                         (y - oy) / sy + d["yx"](x) + d["yy"](y) + d["yz"](z),
+                         (z - oz) / sz + d["zz"](z)], axis=1)
+
 
 _DEFORM = {
     "xx": (4.0, (150.0, 500.0)), "xy": (4.0, (150.0, 500.0)), "xz": (7.0, (200.0, 600.0)),
@@ -788,13 +799,45 @@ def _to_storage(image, label, grid: _Grid, orientation: str):
     return np.ascontiguousarray(image), np.ascontiguousarray(label), affine
 
 
+def draw_subject(index: int, seed: int = 0, small: bool = False) -> Subject:
+    """The Subject of case `index` of the dataset with `seed`, without rendering it (what
+    `generate_case` draws first from the same generator): its `world_to_atlas` is the case's exact
+    anatomical frame, used by `alice_ds.data.oracle.write_atlas_oracle_embedding`."""
+    return _draw_subject(np.random.default_rng([seed, index]), SMALL if small else FULL, index)
+
+
+def subject_for_landmarks(landmark_file) -> Subject:
+    """The Subject of a phantom case from its landmark file (`generator` in its info: seed, index,
+    size), checked against the file's landmarks. Raises DataError naming the file when it is no
+    phantom landmark file or when the regenerated landmarks differ (another generator version)."""
+    from alice_ds.errors import DataError
+
+    path = Path(landmark_file)
+    try:
+        doc = json.loads(path.read_text())
+        gen, marks = doc["info"]["generator"], doc["landmarks"]
+        sub = draw_subject(int(gen["index"]), int(gen["seed"]), bool(gen["small"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(path, f"not a phantom landmark file with info.generator {{seed, index, small}} ({e!r})") from None
+    atlas = _atlas_landmarks(sub)
+    names = [n for n in atlas if n in marks]
+    if not names:
+        raise DataError(path, "no landmark of the phantom atlas in this file")
+    world = _Grid(sub).atlas_to_world(np.stack([atlas[n] for n in names]))
+    err = float(np.abs(world - np.asarray([marks[n] for n in names], dtype=np.float64)).max())
+    if err > 0.01:
+        raise DataError(path, f"landmarks differ from the regenerated phantom {gen} by up to {err:.2f} mm "
+                              "(written by another generator version?)")
+    return sub
+
+
 def generate_case(index: int, seed: int = 0, small: bool = False, shape: tuple[int, int, int] | None = None
                   ) -> PhantomCase:
     """Case number `index` (1-based) of the dataset with `seed`. Deterministic: the case draws from
     its own generator seeded by (seed, index). `shape` overrides the matrix (keeping the field of
     view, so the voxel size changes); used for timing."""
     rng = np.random.default_rng([seed, index])
-    sub = _draw_subject(rng, SMALL if small else FULL, index)
+    sub = _draw_subject(rng, SMALL if small else FULL, index)  # the generator's first draws: see draw_subject
     if shape is not None:
         fov = sub.spacing * np.array(sub.shape)
         sub.shape = tuple(int(s) for s in shape)
@@ -810,7 +853,8 @@ def generate_case(index: int, seed: int = 0, small: bool = False, shape: tuple[i
                  if (p >= lo).all() and (p <= hi).all()}
     info = dict(phase=sub.phase, orientation=sub.orientation, spacing=[round(float(s), 4) for s in sub.spacing],
                 shape=list(sub.shape), atlas_z_range=[round(v, 1) for v in sub.z_range],
-                noise_hu=round(float(sub.noise_hu), 2), scale=[round(float(s), 4) for s in sub.scale])
+                noise_hu=round(float(sub.noise_hu), 2), scale=[round(float(s), 4) for s in sub.scale],
+                generator=dict(seed=int(seed), index=int(index), small=bool(small)))
     return PhantomCase(f"Case_{index:05d}", image, label, affine, landmarks, info)
 
 
