@@ -50,13 +50,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from alice_ds.console import fail
-    from alice_ds.errors import DataError
+    from alice_ds.errors import UserError
 
     try:
         return _run(args)
-    except DataError as e:
-        hint = "" if args.no_atlas else " (--no_atlas skips the rows that need phantom landmark files)"
-        fail(f"{e}{hint}")
+    except UserError as e:
+        fail(str(e))
         return 2
 
 
@@ -67,42 +66,46 @@ def _run(args) -> int:
     from alice_ds.data.oracle import write_atlas_oracle_embedding, write_oracle_embedding
     from alice_ds.data.phantom import subject_for_landmarks
     from alice_ds.sam import DEFAULT_WINDOW
-    from alice_ds.sam.evaluate import AXES_HEADER, axes_cell, evaluate, load_landmarks, validation_cases
+    from alice_ds.errors import DataError
+    from alice_ds.sam.evaluate import (AXES_HEADER, axes_cell, evaluate, landmark_files, load_landmarks,
+                                       validation_cases)
     from alice_ds.sam.io import embedding_path, list_embeddings, open_embedding, write_embedding
 
     window = args.window or DEFAULT_WINDOW
-    marks = load_landmarks(args.landmarks)
+    files, marks = landmark_files(args.landmarks), load_landmarks(args.landmarks)
     only = None if args.json_list is None else validation_cases(args.json_list)
     cases = [c for c in list_embeddings(args.embed_dir)
              if case_key(c) in marks and (only is None or c in only)]
     reference = marks[sorted(marks)[0]]
+    oracles = {"oracle": "mixed"} if args.no_atlas else {"oracle": "mixed", "atlas": "mixed_atlas"}
     results, per_landmark = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rows = [("learned, window", args.embed_dir, "window"), ("learned, global", args.embed_dir, "global"),
-                ("learned coarse alone", args.embed_dir, "coarse"),
-                ("learned fine + oracle coarse", tmp / "mixed", "window"), ("oracle", tmp / "oracle", "window")]
+        evaluations = [("learned, window", args.embed_dir, "window"), ("learned, global", args.embed_dir, "global"),
+                       ("learned coarse alone", args.embed_dir, "coarse"),
+                       ("learned fine + oracle coarse", tmp / "mixed", "window"), ("oracle", tmp / "oracle", "window")]
         if not args.no_atlas:
-            rows += [("learned fine + atlas coarse", tmp / "mixed_atlas", "window"),
-                     ("atlas oracle", tmp / "atlas", "window")]
-        files = {case_key(str(json.loads(f.read_text()).get("case_id", f.stem))): f
-                 for f in Path(args.landmarks).glob("*.json")}  # as load_landmarks keys them
+            evaluations += [("learned fine + atlas coarse", tmp / "mixed_atlas", "window"),
+                            ("atlas oracle", tmp / "atlas", "window")]
         for c in cases:
             case = open_case(args.cache_dir, c)
             learned = open_embedding(args.embed_dir, c)
             write_oracle_embedding(embedding_path(tmp / "oracle", c), c, case.affine, case.shape,
                                    marks[case_key(c)], reference)
             if not args.no_atlas:
-                write_atlas_oracle_embedding(embedding_path(tmp / "atlas", c), c, case.affine, case.shape,
-                                             subject_for_landmarks(files[case_key(c)]))
-            for oracle_name, mixed in (("oracle", "mixed"), ("atlas", "mixed_atlas")):
-                if (tmp / oracle_name).is_dir():
-                    oracle = open_embedding(tmp / oracle_name, c)
-                    # each grid keeps its own affine: the Matcher maps the coarse argmax through world mm
-                    write_embedding(embedding_path(tmp / mixed, c), learned.fine(), oracle.coarse(),
-                                    learned.fine_affine, oracle.coarse_affine, learned.fine_stride,
-                                    oracle.coarse_stride, f"{learned.meta['model_id']}+{oracle_name}-coarse", c)
-        for name, directory, search in rows:
+                try:
+                    subject = subject_for_landmarks(files[case_key(c)])
+                except DataError as e:
+                    raise DataError(e.path, f"{e.problem} (--no_atlas skips the rows that need phantom "
+                                            "landmark files)") from None
+                write_atlas_oracle_embedding(embedding_path(tmp / "atlas", c), c, case.affine, case.shape, subject)
+            for oracle_name, mixed in oracles.items():
+                oracle = open_embedding(tmp / oracle_name, c)
+                # each grid keeps its own affine: the Matcher maps the coarse argmax through world mm
+                write_embedding(embedding_path(tmp / mixed, c), learned.fine(), oracle.coarse(),
+                                learned.fine_affine, oracle.coarse_affine, learned.fine_stride,
+                                oracle.coarse_stride, f"{learned.meta['model_id']}+{oracle_name}-coarse", c)
+        for name, directory, search in evaluations:
             r = evaluate(directory, marks, window=window, only=set(cases), search=search, candidates=args.candidates)
             results[name], per_landmark[name] = r["overall"], r["per_landmark"]
     rows = [[name, r["n"], f"{r['median_mm']:.1f}", f"{r['mean_mm']:.1f}", f"{100 * r['within_10mm']:.1f}",

@@ -71,14 +71,42 @@ def test_subject_map_inverts_and_regenerates_from_landmark_files(phantom_dir, tm
     name, xyz = next(iter(doc["landmarks"].items()))
     np.testing.assert_allclose(again.world_to_atlas(np.array([xyz]))[0], _atlas_landmarks(again)[name], atol=0.01)
 
-    doc["info"]["generator"]["seed"] = 1  # another dataset's subject: its landmarks differ
-    (tmp_path / "other.json").write_text(json.dumps(doc))
-    with pytest.raises(DataError, match=r"other\.json: landmarks differ from the regenerated phantom"):
-        subject_for_landmarks(tmp_path / "other.json")
-    del doc["info"]["generator"]
-    (tmp_path / "plain.json").write_text(json.dumps(doc))
-    with pytest.raises(DataError, match=r"plain\.json: not a phantom landmark file"):
-        subject_for_landmarks(tmp_path / "plain.json")
+    def refused(change, message):
+        bad = json.loads(file.read_text())
+        change(bad)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=r"bad\.json: " + message):
+            subject_for_landmarks(tmp_path / "bad.json")
+
+    refused(lambda d: d["info"]["generator"].update(seed=1), r".*differ.* from the redrawn phantom")
+    refused(lambda d: d["landmarks"][name].__setitem__(0, xyz[0] + 1.0),
+            r"landmarks differ from the redrawn phantom .* by up to 1\.00 mm")
+    refused(lambda d: d["landmarks"][name].__setitem__(0, float("nan")), r"every landmark must be .* finite")
+    refused(lambda d: d["landmarks"].__setitem__(name, [1.0, 2.0]), r"every landmark must be")
+    refused(lambda d: d.__setitem__("landmarks", [name]), r"not a landmark file")
+    refused(lambda d: d["info"]["generator"].update(small="false"), r"info\.generator must hold an int seed")
+    refused(lambda d: d.__delitem__("info"), r"not a phantom landmark file")
+
+
+def test_atlas_oracle_embedding_encodes_the_exact_atlas_position(tmp_path):
+    """Every stored vector is the Fourier feature of Subject.world_to_atlas at its voxel centre."""
+    from alice_ds.data.oracle import COARSE_WAVELENGTHS_MM, FINE_WAVELENGTHS_MM, features, write_atlas_oracle_embedding
+    from alice_ds.sam.geometry import index_to_world
+    from alice_ds.sam.io import embedding_path, open_embedding
+
+    sub = draw_subject(5, seed=0, small=True)
+    affine = np.diag([-3.0, 3.0, 5.0, 1.0])  # stored L along x: the grid's axes must follow the affine
+    affine[:3, 3] = [60.0, -60.0, sub.grid_origin[2]]
+    write_atlas_oracle_embedding(embedding_path(tmp_path, "Case_00005"), "Case_00005", affine, (40, 40, 30), sub)
+    ef = open_embedding(tmp_path, "Case_00005")
+    assert ef.meta["model_id"] == "oracle-atlas-v1"
+    rng = np.random.default_rng(0)
+    for grid, grid_affine, wavelengths, offset in ((ef.fine(), ef.fine_affine, FINE_WAVELENGTHS_MM, 0),
+                                                    (ef.coarse(), ef.coarse_affine, COARSE_WAVELENGTHS_MM, 1)):
+        ijk = rng.integers(0, grid.shape[:3], (20, 3))
+        want = features(sub.world_to_atlas(index_to_world(grid_affine, ijk)), wavelengths, offset)  # [20, 128]
+        got = grid[ijk[:, 0], ijk[:, 1], ijk[:, 2]].float().numpy()
+        np.testing.assert_allclose(got, want, atol=2e-3)  # fp16 storage
 
 
 def test_landmarks_and_tissue_values_over_many_subjects():

@@ -65,3 +65,12 @@ def test_sam_halves_names_a_landmark_file_without_generator(phantom_dir, phantom
     assert sam_halves.main(args) == 2
     err = capsys.readouterr().err
     assert "Case_00003.json: not a phantom landmark file" in err and "--no_atlas" in err
+    out = tmp_path / "halves.json"
+    assert sam_halves.main(args + ["--no_atlas", "--window", "12", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["results"]) == ["learned, window", "learned, global", "learned coarse alone",
+                                    "learned fine + oracle coarse", "oracle"]
+    assert res["per_landmark"]["oracle"] and res["results"]["oracle"]["median_mm"] < 10
+    assert sam_halves.main(["--embed_dir", str(sam_embed_dir), "--cache_dir", str(phantom_cache),
+                            "--landmarks", str(tmp_path / "none"), "--no_atlas"]) == 2
+    assert "none: landmark folder not found" in capsys.readouterr().err

@@ -11,7 +11,7 @@ and ablations. Files follow docs/interfaces.md (written with `alice_ds.sam.io.wr
 
 For phantoms the canonical frame can also be the generator's exact atlas frame
 (`write_atlas_oracle_embedding`): anatomical correspondence without the affine fit's residual, but
-still blind to each case's own organ shifts, so neither oracle is an upper bound for a learned
+still blind to each case's own organ shifts and sizes, so neither oracle is an upper bound for a learned
 embedding that recognises the organs (README, "SAM anatomical embeddings").
 """
 
@@ -109,8 +109,8 @@ def write_atlas_oracle_embedding(path, case_id: str, volume_affine, volume_shape
     """Like `write_oracle_embedding`, for a phantom case whose generator Subject is known
     (`alice_ds.data.phantom.subject_for_landmarks`): the canonical position is the exact atlas mm of
     `subject.world_to_atlas` (scale, translation and smooth deformation of the case; the per-case
-    organ shifts are not in it). Matching with these files is exact anatomical correspondence up to
-    those organ shifts: a ceiling for any method that maps anatomy geometrically, without telling one
+    organ shifts and sizes are not in it). Matching with these files is exact anatomical correspondence
+    up to those: a ceiling for any method that maps anatomy geometrically, without telling one
     organ's displacement from the body's."""
     _write(path, case_id, volume_affine, volume_shape, ATLAS_MODEL_ID,
            lambda aff, shape, wavelengths, offset: _atlas_grid_features(aff, shape, subject, wavelengths, offset))
@@ -119,13 +119,14 @@ def write_atlas_oracle_embedding(path, case_id: str, volume_affine, volume_shape
 def _atlas_grid_features(affine, shape, subject, wavelengths, offset: int) -> torch.Tensor:
     """`features` of the atlas position of every voxel of a grid -> `[X, Y, Z, 128]`, one x-plane at
     a time (the map is not affine, so `grid_features`' factorisation does not apply)."""
+    affine = np.asarray(affine, dtype=np.float64)
     out = torch.empty((*shape, EMBED_DIM))
-    yz = np.stack(np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij"), -1).reshape(-1, 2)
+    yz = np.stack(np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij"), -1).reshape(-1, 2)  # [Y*Z, 2]
     for x in range(shape[0]):
-        ijk = np.concatenate([np.full((len(yz), 1), x), yz], axis=1)  # [Y * Z, 3]
-        world = ijk @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
-        out[x] = torch.from_numpy(features(subject.world_to_atlas(world), wavelengths, offset)).view(
-            shape[1], shape[2], EMBED_DIM)
+        ijk = np.concatenate([np.full((len(yz), 1), x), yz], axis=1)  # [Y*Z, 3]
+        world = ijk @ affine[:3, :3].T + affine[:3, 3]  # [Y*Z, 3] mm
+        feat = features(subject.world_to_atlas(world), wavelengths, offset)  # [Y*Z, 128]
+        out[x] = torch.from_numpy(feat).view(shape[1], shape[2], EMBED_DIM)  # -> [Y, Z, 128]
     return out
 
 

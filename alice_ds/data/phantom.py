@@ -160,7 +160,7 @@ class Subject:
 
     def world_to_atlas(self, points) -> np.ndarray:
         """World mm `[P, 3]` -> atlas mm `[P, 3]`: the subject map (per-axis scale and translation plus
-        the smooth deformation; organ shifts are not part of it). `_Grid` evaluates the same map in
+        the smooth deformation; each organ's own shift and size are not part of it). `_Grid` evaluates the same map in
         its separable form over a voxel grid; `_Grid.atlas_to_world` inverts it."""
         p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
         d, (ox, oy, oz), (sx, sy, sz) = self.deform, self.origin, self.scale
@@ -799,34 +799,58 @@ def _to_storage(image, label, grid: _Grid, orientation: str):
     return np.ascontiguousarray(image), np.ascontiguousarray(label), affine
 
 
+def _subject_and_rng(index: int, seed: int, small: bool) -> tuple[Subject, np.random.Generator]:
+    """Case `index`'s generator (seeded by (seed, index)) and the Subject it draws first; rendering
+    goes on with the same generator."""
+    rng = np.random.default_rng([seed, index])
+    return _draw_subject(rng, SMALL if small else FULL, index), rng
+
+
 def draw_subject(index: int, seed: int = 0, small: bool = False) -> Subject:
-    """The Subject of case `index` of the dataset with `seed`, without rendering it (what
-    `generate_case` draws first from the same generator): its `world_to_atlas` is the case's exact
-    anatomical frame, used by `alice_ds.data.oracle.write_atlas_oracle_embedding`."""
-    return _draw_subject(np.random.default_rng([seed, index]), SMALL if small else FULL, index)
+    """The Subject of case `index` of the dataset with `seed`, without rendering it: its
+    `world_to_atlas` is the case's exact anatomical frame (used by
+    `alice_ds.data.oracle.write_atlas_oracle_embedding`)."""
+    return _subject_and_rng(index, seed, small)[0]
+
+
+LANDMARK_DECIMALS = 3
+"""Landmark files store mm rounded to this many decimals."""
+_REDRAW_TOLERANCE_MM = 0.01
+"""A redrawn subject's landmarks must agree with the file's this well (20x the rounding)."""
 
 
 def subject_for_landmarks(landmark_file) -> Subject:
-    """The Subject of a phantom case from its landmark file (`generator` in its info: seed, index,
-    size), checked against the file's landmarks. Raises DataError naming the file when it is no
-    phantom landmark file or when the regenerated landmarks differ (another generator version)."""
+    """The Subject of a phantom case from its landmark file (`info.generator`: seed, index, small),
+    checked against the file: every landmark within _REDRAW_TOLERANCE_MM and the info's shape and
+    spacing. Raises DataError naming the file when it is no phantom landmark file or when the redrawn
+    case differs (another generator version, or a case written with a `shape` override)."""
     from alice_ds.errors import DataError
+    from alice_ds.sam.evaluate import read_landmark_file
 
     path = Path(landmark_file)
+    _, marks = read_landmark_file(path)
     try:
-        doc = json.loads(path.read_text())
-        gen, marks = doc["info"]["generator"], doc["landmarks"]
-        sub = draw_subject(int(gen["index"]), int(gen["seed"]), bool(gen["small"]))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(path, f"not a phantom landmark file with info.generator {{seed, index, small}} ({e!r})") from None
+        info = json.loads(path.read_text())["info"]
+        gen = info["generator"]
+        seed, index, small = gen["seed"], gen["index"], gen["small"]
+        shape, spacing = tuple(info["shape"]), np.asarray(info["spacing"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(path, f"not a phantom landmark file: no info.generator {{seed, index, small}}, "
+                              f"info.shape, info.spacing ({e!r})") from None
+    if not (type(seed) is int and type(index) is int and type(small) is bool):
+        raise DataError(path, f"info.generator must hold an int seed and index and a bool small, got {gen}")
+    sub = draw_subject(index, seed, small)
+    if shape != tuple(sub.shape) or not np.allclose(spacing, sub.spacing, atol=1e-3):
+        raise DataError(path, f"info shape {list(shape)} / spacing {spacing.tolist()} differ from the redrawn "
+                              f"phantom {gen}: {list(sub.shape)} / {np.round(sub.spacing, 4).tolist()}")
     atlas = _atlas_landmarks(sub)
     names = [n for n in atlas if n in marks]
     if not names:
-        raise DataError(path, "no landmark of the phantom atlas in this file")
-    world = _Grid(sub).atlas_to_world(np.stack([atlas[n] for n in names]))
-    err = float(np.abs(world - np.asarray([marks[n] for n in names], dtype=np.float64)).max())
-    if err > 0.01:
-        raise DataError(path, f"landmarks differ from the regenerated phantom {gen} by up to {err:.2f} mm "
+        raise DataError(path, f"none of its landmarks is a phantom landmark ({sorted(marks)[:5]} ...)")
+    world = _Grid(sub).atlas_to_world(np.stack([atlas[n] for n in names]))  # [L, 3]
+    err = float(np.abs(world - np.asarray([marks[n] for n in names])).max())
+    if not err <= _REDRAW_TOLERANCE_MM:
+        raise DataError(path, f"landmarks differ from the redrawn phantom {gen} by up to {err:.2f} mm "
                               "(written by another generator version?)")
     return sub
 
@@ -836,8 +860,7 @@ def generate_case(index: int, seed: int = 0, small: bool = False, shape: tuple[i
     """Case number `index` (1-based) of the dataset with `seed`. Deterministic: the case draws from
     its own generator seeded by (seed, index). `shape` overrides the matrix (keeping the field of
     view, so the voxel size changes); used for timing."""
-    rng = np.random.default_rng([seed, index])
-    sub = _draw_subject(rng, SMALL if small else FULL, index)  # the generator's first draws: see draw_subject
+    sub, rng = _subject_and_rng(index, seed, small)
     if shape is not None:
         fov = sub.spacing * np.array(sub.shape)
         sub.shape = tuple(int(s) for s in shape)
@@ -849,7 +872,7 @@ def generate_case(index: int, seed: int = 0, small: bool = False, shape: tuple[i
     world = grid.atlas_to_world(np.stack(list(_atlas_landmarks(sub).values())))
     lo = sub.grid_origin + _LANDMARK_MARGIN_MM
     hi = sub.grid_origin + sub.spacing * (np.array(sub.shape) - 1) - _LANDMARK_MARGIN_MM
-    landmarks = {n: [round(float(v), 3) for v in p] for n, p in zip(names, world)
+    landmarks = {n: [round(float(v), LANDMARK_DECIMALS) for v in p] for n, p in zip(names, world)
                  if (p >= lo).all() and (p <= hi).all()}
     info = dict(phase=sub.phase, orientation=sub.orientation, spacing=[round(float(s), 4) for s in sub.spacing],
                 shape=list(sub.shape), atlas_z_range=[round(v, 1) for v in sub.z_range],

@@ -43,12 +43,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the summary (overall and per landmark) to this JSON file")
 
 
-def load_landmarks(directory) -> dict[str, dict[str, list[float]]]:
-    """Landmark files of a folder -> {case key: {name: [x, y, z] world mm}}."""
+def read_landmark_file(path) -> tuple[str, dict[str, list[float]]]:
+    """One landmark file -> (case key, {name: [x, y, z] world mm}); DataError naming the file when it
+    is not `{"case_id", "landmarks": {name: [x, y, z]}}` with finite numbers."""
     import json
+    import math
     from pathlib import Path
 
     from alice_ds.data import case_key
+    from alice_ds.errors import DataError
+
+    f = Path(path)
+    try:
+        doc = json.loads(f.read_text())
+        marks = {str(k): [float(v) for v in xyz] for k, xyz in doc["landmarks"].items()}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f, f'not a landmark file {{"case_id", "landmarks": {{name: [x, y, z]}}}} ({e})') from None
+    bad = [n for n, v in marks.items() if len(v) != 3 or not all(math.isfinite(c) for c in v)]
+    if bad:
+        raise DataError(f, f"every landmark must be [x, y, z] in finite mm; not so: {bad[:5]}")
+    return case_key(str(doc.get("case_id", f.stem))), marks
+
+
+def landmark_files(directory) -> dict:
+    """{case key: path} of a folder's landmark files (a later file of the same case wins, in name
+    order, as in `load_landmarks`)."""
+    from pathlib import Path
+
     from alice_ds.errors import DataError
 
     d = Path(directory)
@@ -56,17 +77,15 @@ def load_landmarks(directory) -> dict[str, dict[str, list[float]]]:
         raise DataError(d, "landmark folder not found")
     out = {}
     for f in sorted(d.glob("*.json")):
-        try:
-            doc = json.loads(f.read_text())
-            marks = {str(k): [float(v) for v in xyz] for k, xyz in doc["landmarks"].items()}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise DataError(f, f'not a landmark file {{"case_id", "landmarks": {{name: [x, y, z]}}}} ({e})') from None
-        if any(len(v) != 3 for v in marks.values()):
-            raise DataError(f, "every landmark must be [x, y, z] in mm")
-        out[case_key(str(doc.get("case_id", f.stem)))] = marks
+        out[read_landmark_file(f)[0]] = f
     if not out:
         raise DataError(d, "no landmark .json files")
     return out
+
+
+def load_landmarks(directory) -> dict[str, dict[str, list[float]]]:
+    """Landmark files of a folder -> {case key: {name: [x, y, z] world mm}}."""
+    return {key: read_landmark_file(f)[1] for key, f in landmark_files(directory).items()}
 
 
 def validation_cases(json_list) -> set[str]:
