@@ -45,6 +45,8 @@ FAULT_ENV = "ALICE_DS_FAULT"
 """Fault injection for tests (`Faults`): unset in real runs."""
 FAULT_EXIT_CODE = 17
 """Exit status of a rank killed by an injected `exit` fault."""
+FAULT_FORMS = "nan:RANK:STEP[:COUNT], exit:RANK:STEP or term:RANK:STEP"
+"""The specs `Faults` accepts, for its error messages."""
 
 
 class TrainingError(UserError):
@@ -57,33 +59,39 @@ class Faults:
 
     - `nan:RANK:STEP[:COUNT]`: on rank RANK the first COUNT forward passes (all when omitted) of the
       step that finishes step STEP return a NaN loss;
-    - `exit:RANK:STEP`: rank RANK dies (`os._exit(17)`, no cleanup) when step STEP starts.
+    - `exit:RANK:STEP`: rank RANK dies (`os._exit(17)`, no cleanup) when step STEP starts;
+    - `term:RANK:STEP`: rank RANK sends itself SIGTERM when step STEP starts (a preemption arriving
+      mid-step, at a known step whatever the machine's load).
     """
 
     def __init__(self, spec: str, rank: int):
         self.nan: dict[int, float] = {}  # step -> NaN forward passes left on this rank (inf = all)
         self.exit_step: int | None = None
+        self.term_step: int | None = None
         for item in filter(None, spec.split(",")):
             parts = item.split(":")
             try:
                 kind, fault_rank, step = parts[0], int(parts[1]), int(parts[2])
                 count = float(parts[3]) if len(parts) > 3 else math.inf
             except (IndexError, ValueError):
-                raise UserError(f"{FAULT_ENV}: cannot parse {item!r} (want nan:RANK:STEP[:COUNT] or "
-                                "exit:RANK:STEP)") from None
-            if kind not in ("nan", "exit") or len(parts) > (4 if kind == "nan" else 3):
-                raise UserError(f"{FAULT_ENV}: unknown fault {item!r} (want nan:RANK:STEP[:COUNT] or exit:RANK:STEP)")
+                raise UserError(f"{FAULT_ENV}: cannot parse {item!r} (want {FAULT_FORMS})") from None
+            if kind not in ("nan", "exit", "term") or len(parts) > (4 if kind == "nan" else 3):
+                raise UserError(f"{FAULT_ENV}: unknown fault {item!r} (want {FAULT_FORMS})")
             if fault_rank != rank:
                 continue
             if kind == "nan":
                 self.nan[step] = count
-            else:
+            elif kind == "exit":
                 self.exit_step = step
+            else:
+                self.term_step = step
 
     def at_step_start(self, step: int) -> None:
         if self.exit_step == step:
             warn(f"{FAULT_ENV}: rank exits at step {step}")
             os._exit(FAULT_EXIT_CODE)
+        if self.term_step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def loss(self, out: dict, step: int) -> dict:
         """`out` with a NaN loss when a `nan` fault covers this forward pass of `step`."""
