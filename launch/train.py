@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         "(ZeRO 0-3, bf16 autocast, fp32 teacher EMA). Command-line flags (--preset included) override "
         "the --config YAML, which overrides the defaults.",
         epilog="Tests only: the environment variable ALICE_DS_FAULT injects faults, comma-separated "
-        "nan:RANK:STEP[:COUNT] (NaN loss for the first COUNT forward passes of STEP, all if omitted) and "
-        "exit:RANK:STEP (the rank dies with status 17); see alice_ds/engine/trainer.py Faults.")
+        "nan:RANK:STEP[:COUNT] (NaN loss for the first COUNT forward passes of STEP, all if omitted), "
+        "exit:RANK:STEP (the rank dies with status 17) and term:RANK:STEP (the rank sends itself SIGTERM "
+        "when STEP starts); see alice_ds/engine/trainer.py Faults.")
     config.add_arguments(parser)
     args = parser.parse_args(argv)
     try:

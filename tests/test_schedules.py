@@ -97,6 +97,19 @@ def test_yaml_then_flags_precedence_and_unknown_keys(tmp_path):
         C.config_from_args(_args(**req, augment_on="gpu"))
 
 
+def test_cudnn_benchmark_flag_overrides_yaml(tmp_path):
+    y = tmp_path / "p.yaml"
+    y.write_text("run: {cudnn_benchmark: false}\n")
+    req = ["--output_dir", str(tmp_path), "--deepspeed_config", "x.json", "--cache_dir", str(tmp_path),
+           "--json_list", str(tmp_path)]
+    p = argparse.ArgumentParser()
+    C.add_arguments(p)
+    assert C.config_from_args(p.parse_args(req)).run.cudnn_benchmark is True  # the default
+    assert C.config_from_args(p.parse_args(req + ["--config", str(y)])).run.cudnn_benchmark is False
+    assert C.config_from_args(p.parse_args(req + ["--config", str(y), "--cudnn_benchmark"])).run.cudnn_benchmark is True
+    assert C.config_from_args(p.parse_args(req + ["--no-cudnn_benchmark"])).run.cudnn_benchmark is False
+
+
 def test_ds_config_batch_fields_filled_and_checked(tmp_path):
     req = dict(output_dir=tmp_path, deepspeed_config="x.json", cache_dir=tmp_path, json_list=tmp_path)
     cfg = C.config_from_args(_args(**req, batch_size=2, grad_accum=3))

@@ -290,6 +290,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=typ, default=None, help=help_text)
     parser.add_argument("--overfit_one_batch", action="store_true", default=None,
                         help="train on the first batch only (debugging: the loss must fall)")
+    parser.add_argument("--cudnn_benchmark", action=argparse.BooleanOptionalAction, default=None,
+                        help="on CUDA, let cuDNN pick the fastest convolution algorithms (default on; "
+                             "--no-cudnn_benchmark for bitwise-repeatable GPU runs)")
     # DeepSpeed's launcher appends --local_rank=<n>; the rank itself is read from the environment.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -325,6 +328,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         tree["model"]["feature_size"] = 0  # a preset given on the command line wins over a YAML size
     if args.overfit_one_batch:
         tree["data"]["overfit_one_batch"] = True
+    if args.cudnn_benchmark is not None:
+        tree["run"]["cudnn_benchmark"] = args.cudnn_benchmark
     cfg = TrainConfig.from_dict(tree, source=args.config or "command line")
     for flag, value in (("--output_dir", cfg.run.output_dir), ("--deepspeed_config", cfg.run.deepspeed_config),
                         ("--cache_dir", cfg.data.cache_dir), ("--json_list", cfg.data.json_list)):
