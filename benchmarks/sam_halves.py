@@ -32,6 +32,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from alice_ds.cli import positive_int
 from alice_ds.sam import DEFAULT_CANDIDATES
 
 
@@ -41,8 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache_dir", required=True, help="the cache they were embedded from (grids of the oracle)")
     p.add_argument("--landmarks", required=True, help="landmark folder (alice-ds phantom writes P/landmarks)")
     p.add_argument("--json_list", default=None, help="datalist: evaluate its validation cases only")
-    p.add_argument("--window", type=int, default=None, help="fine-search window (default: the Matcher's)")
-    p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+    p.add_argument("--window", type=positive_int, default=None, help="fine-search window (default: the Matcher's)")
+    p.add_argument("--candidates", type=positive_int, default=DEFAULT_CANDIDATES,
                    help="coarse candidates of the window searches (1: the coarse argmax alone)")
     p.add_argument("--no_atlas", action="store_true",
                    help="skip the atlas-oracle rows (needs phantom landmark files with info.generator)")
@@ -67,12 +68,12 @@ def _run(args) -> int:
     from alice_ds.data.phantom import subject_for_landmarks
     from alice_ds.sam import DEFAULT_WINDOW
     from alice_ds.errors import DataError
-    from alice_ds.sam.evaluate import (AXES_HEADER, axes_cell, evaluate, landmark_files, load_landmarks,
-                                       validation_cases)
+    from alice_ds.sam.evaluate import AXES_HEADER, axes_cell, evaluate, read_landmark_folder, validation_cases
     from alice_ds.sam.io import embedding_path, list_embeddings, open_embedding, write_embedding
 
     window = args.window or DEFAULT_WINDOW
-    files, marks = landmark_files(args.landmarks), load_landmarks(args.landmarks)
+    folder = read_landmark_folder(args.landmarks)
+    files, marks = {k: f for k, (f, _) in folder.items()}, {k: m for k, (_, m) in folder.items()}
     only = None if args.json_list is None else validation_cases(args.json_list)
     cases = [c for c in list_embeddings(args.embed_dir)
              if case_key(c) in marks and (only is None or c in only)]

@@ -65,9 +65,9 @@ def read_landmark_file(path) -> tuple[str, dict[str, list[float]]]:
     return case_key(str(doc.get("case_id", f.stem))), marks
 
 
-def landmark_files(directory) -> dict:
-    """{case key: path} of a folder's landmark files (a later file of the same case wins, in name
-    order, as in `load_landmarks`)."""
+def read_landmark_folder(directory) -> dict:
+    """A folder's landmark files, each read once -> {case key: (path, {name: [x, y, z] world mm})}
+    (a later file of the same case wins, in name order)."""
     from pathlib import Path
 
     from alice_ds.errors import DataError
@@ -77,7 +77,8 @@ def landmark_files(directory) -> dict:
         raise DataError(d, "landmark folder not found")
     out = {}
     for f in sorted(d.glob("*.json")):
-        out[read_landmark_file(f)[0]] = f
+        key, marks = read_landmark_file(f)
+        out[key] = (f, marks)
     if not out:
         raise DataError(d, "no landmark .json files")
     return out
@@ -85,7 +86,7 @@ def landmark_files(directory) -> dict:
 
 def load_landmarks(directory) -> dict[str, dict[str, list[float]]]:
     """Landmark files of a folder -> {case key: {name: [x, y, z] world mm}}."""
-    return {key: read_landmark_file(f)[1] for key, f in landmark_files(directory).items()}
+    return {key: marks for key, (_, marks) in read_landmark_folder(directory).items()}
 
 
 def validation_cases(json_list) -> set[str]:
