@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from alice_ds.errors import DataError, UserError
+from alice_ds.files import atomic_path, atomic_write_text
 
 FORMATS = ("monai", "monai-load-from")
 MODELS = ("teacher", "student")
@@ -118,22 +119,16 @@ def write_safetensors(path: Path, layout: dict[str, tuple[tuple[int, ...], str]]
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % SAFETENSORS_ALIGN)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))  # header length, u64 little endian
-            f.write(blob)
-            for name, (shape, dtype) in layout.items():
-                t = get(name)
-                if tuple(t.shape) != tuple(shape) or str(t.dtype).removeprefix("torch.") != dtype:
-                    raise DataError(path, f"{name}: got {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
-                f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())  # [*shape] -> raw bytes
-                if on_tensor is not None:
-                    on_tensor(name)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))  # header length, u64 little endian
+        f.write(blob)
+        for name, (shape, dtype) in layout.items():
+            t = get(name)
+            if tuple(t.shape) != tuple(shape) or str(t.dtype).removeprefix("torch.") != dtype:
+                raise DataError(path, f"{name}: got {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
+            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())  # [*shape] -> raw bytes
+            if on_tensor is not None:
+                on_tensor(name)
 
 
 def _numel(shape) -> int:
@@ -274,16 +269,15 @@ def convert(checkpoint_dir: str | Path, out: str | Path, tag: str = "latest", wh
             for name in layout:
                 tensors[name] = checked(name).clone()
                 advance(name)
-            tmp = out.with_name(out.name + ".partial")
-            torch.save({"state_dict": tensors, "alice_ds": info}, tmp)
-            os.replace(tmp, out)
+            with atomic_path(out) as tmp:
+                torch.save({"state_dict": tensors, "alice_ds": info}, tmp)
         else:
             metadata = {k: json.dumps(v) for k, v in info.items()}
             write_safetensors(out, layout, checked, metadata, on_tensor=advance)
     source.close()
     sidecar = _sidecar_path(out)
     info["file"] = out.name
-    sidecar.write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(sidecar, json.dumps(info, indent=2) + "\n")
     num_params = sum(_numel(s) for k, (s, d) in layout.items() if d != "int64")
     return ExportResult(path=out, sidecar=sidecar, info=info, num_tensors=len(layout), num_params=num_params)
 

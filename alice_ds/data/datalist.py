@@ -14,6 +14,7 @@ from pathlib import Path
 
 from alice_ds.data import NIFTI_SUFFIXES, case_id_from_path, case_key
 from alice_ds.errors import DataError, UserError
+from alice_ds.files import atomic_write_text
 
 SECTIONS = ("training", "validation")
 FLARE_IMAGE_DIRS = ("imagesTr", "imagesTs")
@@ -70,12 +71,7 @@ def build_datalist(data_dir, val_fraction: float = 0.05, seed: int = 0) -> dict:
 
 
 def write_datalist(datalist: dict, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(datalist, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(datalist, indent=2) + "\n")
 
 
 def load_datalist(path, data_dir, check_files: bool = True) -> dict[str, list[dict]]:

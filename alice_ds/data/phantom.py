@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+
+from alice_ds.files import atomic_path
+
 LABELS: dict[str, int] = {
     "liver": 1, "kidney_right": 2, "spleen": 3, "aorta": 4, "ivc": 5, "stomach": 6,
     "kidney_left": 7, "lung_right": 8, "lung_left": 9, "heart": 10, "vertebrae": 11, "ribs": 12,
@@ -888,9 +891,8 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.nii.gz")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
 
 
 def write_case(case: PhantomCase, out_dir) -> None:

@@ -26,10 +26,10 @@ import numpy as np
 from alice_ds.data import case_id_from_path
 from alice_ds.data.cache import array_path, meta_path
 from alice_ds.errors import DataError, UserError
+from alice_ds.files import atomic_path, atomic_write_text, stale_temporaries
 
 FORMAT_VERSION = 1
 INT16_RANGE = (-32768, 32767)
-_TMP_MARK = ".tmp-"
 _TABLE_MAX_ROWS = 50
 """Above this many cases the summary table lists only the bad ones (the counts line says the rest)."""
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -55,35 +55,6 @@ class Summary:
     @property
     def ok(self) -> bool:
         return not self.bad
-
-
-def _atomic_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _remove_stale_temps(cache_dir: Path) -> None:
-    """Temp files of runs that were killed (their process is gone)."""
-    for p in cache_dir.glob(f".*{_TMP_MARK}*"):
-        pid = p.name.rsplit(_TMP_MARK, 1)[-1]
-        alive = pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))
-        if not alive:
-            p.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _up_to_date(cache_dir: Path, case_id: str, source: Path, settings: dict) -> bool:
@@ -140,8 +111,10 @@ def process_case(source: str, case_id: str, cache_dir: str, spacing) -> dict:
         "hu_range": [int(arr.min()), int(arr.max())],
     }
     meta_path(cache_p, case_id).unlink(missing_ok=True)  # the old JSON must never describe a new array
-    _atomic_bytes(array_path(cache_p, case_id), lambda f: np.save(f, arr))
-    _atomic_bytes(meta_path(cache_p, case_id), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    with atomic_path(array_path(cache_p, case_id)) as tmp:
+        with open(tmp, "wb") as f:  # np.save would append .npy to a path
+            np.save(f, arr)
+    atomic_write_text(meta_path(cache_p, case_id), json.dumps(meta, indent=1))
     return {"case_id": case_id, "status": "done", "source": source, "shape": list(arr.shape),
             "orientation": meta["original_orientation"], "seconds": time.perf_counter() - start}
 
@@ -184,7 +157,8 @@ def preprocess_dataset(data_dir, json_list, cache_dir, spacing=(1.5, 1.5, 2.0), 
     cases = _collect_cases(data_dir, json_list)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(cache)
+    for p in stale_temporaries(cache):
+        p.unlink(missing_ok=True)
     settings = cache_settings(spacing)
     summary = Summary()
     start = time.perf_counter()

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from alice_ds import __version__
 from alice_ds.errors import DataError, UserError
+from alice_ds.files import atomic_write_text
 
 def _universal_info() -> dict:
     """The `universal_checkpoint_info` entry DeepSpeed's `ds_to_universal` requires in the model states
@@ -47,12 +48,6 @@ LATEST = "latest"
 
 def step_tag(step: int) -> str:
     return f"step_{step}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -106,14 +101,14 @@ def save(engine, module, ema, ckpt_root: Path, tag: str, step: int, config: dict
     buffers = {f"buffer.{n}": b.detach().cpu().contiguous() for n, b in module.named_buffers()
                if b is not None and n in module.state_dict()}
     save_file({**buffers, **rng_tensors, **rank_tensors}, str(d / f"state_rank{rank}.safetensors"))
-    _atomic_write_text(d / f"state_rank{rank}.json", json.dumps({"step": step, "rng": rng_json, **rank_state}))
+    atomic_write_text(d / f"state_rank{rank}.json", json.dumps({"step": step, "rng": rng_json, **rank_state}))
     if rank == 0:
-        _atomic_write_text(d / "alice_state.json", json.dumps(
+        atomic_write_text(d / "alice_state.json", json.dumps(
             {"step": step, "world_size": world, "zero_stage": zero_stage, "config": config,
              "alice_ds_version": __version__}, indent=2))
     dist.barrier()
     if rank == 0 and update_latest:
-        _atomic_write_text(ckpt_root / LATEST, tag)
+        atomic_write_text(ckpt_root / LATEST, tag)
         prune(ckpt_root, keep_last)
     dist.barrier()
     return d

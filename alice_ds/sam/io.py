@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from alice_ds.errors import DataError
+from alice_ds.files import atomic_path
 
 FORMAT_VERSION = "1"
 EMBED_DIM = 128
@@ -60,13 +61,8 @@ def write_embedding(path, fine: torch.Tensor, coarse: torch.Tensor, fine_affine,
     tensors = {"fine": fine.detach().to(torch.float16).contiguous().cpu(),
                "coarse": coarse.detach().to(torch.float16).contiguous().cpu()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

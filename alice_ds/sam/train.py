@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from alice_ds.sam import HU_WINDOW
+from alice_ds.files import atomic_path, atomic_write_text
 
 SAM_SPACING_MM = 2.0
 DEFAULT_STEPS = 2000
@@ -121,9 +122,8 @@ def save_model(model, path: Path, step: int) -> str:
         digest.update(k.encode())
         digest.update(state[k].numpy().tobytes())
     model_id = f"samnet-w{model.width:g}-step{step}-{digest.hexdigest()[:12]}"
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
     path.with_suffix(".json").write_text(json.dumps({**model.config(), "step": step,
                                                      "model_id": model_id}, indent=2))
     return model_id
@@ -186,8 +186,7 @@ def save_checkpoint(out: Path, model, opt, step: int, settings: dict) -> Path:
     save_model(model, d / "model.safetensors", step)
     _save_optimizer(opt, d / "optimizer.safetensors")
     (d / "state.json").write_text(json.dumps({"step": step, "settings": settings}, indent=2))
-    (out / "checkpoints" / "latest.tmp").write_text(tag)
-    (out / "checkpoints" / "latest.tmp").replace(out / "checkpoints" / "latest")
+    atomic_write_text(out / "checkpoints" / "latest", tag)
     return d
 
 

@@ -1,0 +1,60 @@
+"""Atomic file writes: a file either appears whole under its name or not at all (a killed process
+leaves at most a hidden temporary next to it, never a truncated file under the real name).
+
+Every writer of the project goes through `atomic_path`: the cache, datalists, phantoms, SAM models
+and embeddings, checkpoints and exported weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_MARK = ".tmp-"
+"""Temporaries are named `.<name>.tmp-<pid><suffix>`: hidden, and the pid tells a live writer's
+temporary from one a killed run left behind (`stale_temporaries`)."""
+
+
+@contextmanager
+def atomic_path(path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to `path`; when the block ends it is renamed over `path`, when
+    the block raises it is removed. `suffix` keeps an extension that a writer dispatches on
+    (`nib.save` needs `.nii.gz`)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write `text` to `path` atomically (parent folders created); returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def stale_temporaries(folder) -> list[Path]:
+    """Temporaries in `folder` whose writing process is gone (a killed run's leftovers)."""
+    out = []
+    for p in Path(folder).glob(f".*{TMP_MARK}*"):
+        pid = p.name.rsplit(TMP_MARK, 1)[-1].split(".", 1)[0]
+        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
+            out.append(p)
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
