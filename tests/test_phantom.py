@@ -4,12 +4,13 @@ import json
 
 import nibabel as nib
 import numpy as np
-
 import pytest
 
 from alice_ds.cli import main
-from alice_ds.data.phantom import (LABELS, LANDMARK_LABELS, PHASES, _atlas_landmarks, _Grid, draw_subject,
-                                   generate_case, subject_for_landmarks)
+from alice_ds.data.phantom import LABELS, LANDMARK_LABELS, PHASES, draw_subject, generate_case, subject_for_landmarks
+from alice_ds.data.phantom.anatomy import _LEVEL_NAMES
+from alice_ds.data.phantom.landmarks import _atlas_landmarks
+from alice_ds.data.phantom.subject import _Grid
 from alice_ds.errors import DataError
 
 MIN_LANDMARKS = 10
@@ -88,25 +89,6 @@ def test_subject_map_inverts_and_regenerates_from_landmark_files(phantom_dir, tm
     refused(lambda d: d.__delitem__("info"), r"not a phantom landmark file")
 
 
-def test_atlas_oracle_embedding_encodes_the_exact_atlas_position(tmp_path):
-    """Every stored vector is the Fourier feature of Subject.world_to_atlas at its voxel centre."""
-    from alice_ds.data.oracle import COARSE_WAVELENGTHS_MM, FINE_WAVELENGTHS_MM, features, write_atlas_oracle_embedding
-    from alice_ds.sam.geometry import index_to_world
-    from alice_ds.sam.io import embedding_path, open_embedding
-
-    sub = draw_subject(5, seed=0, small=True)
-    affine = np.diag([-3.0, 3.0, 5.0, 1.0])  # stored L along x: the grid's axes must follow the affine
-    affine[:3, 3] = [60.0, -60.0, sub.grid_origin[2]]
-    write_atlas_oracle_embedding(embedding_path(tmp_path, "Case_00005"), "Case_00005", affine, (40, 40, 30), sub)
-    ef = open_embedding(tmp_path, "Case_00005")
-    assert ef.meta["model_id"] == "oracle-atlas-v1"
-    rng = np.random.default_rng(0)
-    for grid, grid_affine, wavelengths, offset in ((ef.fine(), ef.fine_affine, FINE_WAVELENGTHS_MM, 0),
-                                                    (ef.coarse(), ef.coarse_affine, COARSE_WAVELENGTHS_MM, 1)):
-        ijk = rng.integers(0, grid.shape[:3], (20, 3))
-        want = features(sub.world_to_atlas(index_to_world(grid_affine, ijk)), wavelengths, offset)  # [20, 128]
-        got = grid[ijk[:, 0], ijk[:, 1], ijk[:, 2]].float().numpy()
-        np.testing.assert_allclose(got, want, atol=2e-3)  # fp16 storage
 
 
 def test_landmarks_and_tissue_values_over_many_subjects():
@@ -144,8 +126,6 @@ def test_landmarks_and_tissue_values_over_many_subjects():
 
 
 def _level_order(name):
-    from alice_ds.data.phantom import _LEVEL_NAMES
-
     level = name.removeprefix("vertebra_")
     return _LEVEL_NAMES.index(level) if level in _LEVEL_NAMES else -1
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import time
 
+from alice_ds.console import console, progress, table
+from alice_ds.data.phantom.write import write_dataset
+from alice_ds.errors import UserError
+
 _PHASE_SHORT = {"non_contrast": "plain", "arterial": "arterial", "portal_venous": "venous"}
 """Contrast phase names short enough for an 80-column summary table."""
 
@@ -19,10 +23,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from alice_ds.console import console, progress, table
-    from alice_ds.data.phantom import write_dataset
-    from alice_ds.errors import UserError
-
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
     rows = []
