@@ -129,7 +129,8 @@ def test_export_equals_fp32_teacher_and_student_at_save_time(ds_run, tmp_path, s
         assert side == result.info | {"file": out.name}
         assert (side["model"], side["feature_size"], side["use_v2"], side["step"], side["zero_stage"],
                 side["world_size"], side["tag"]) == (which, FEATURE_SIZE, False, state["step"], stage, 2, tag.name)
-        assert side["intensity_window"] == state["config"]["data"]["hu_window"]
+        assert side["intensity_window"] == state["config"]["sampler"]["hu_window"] == [-125.0, 225.0]
+        assert (side["roi"], side["spacing"]) == (ROI, state["config"]["data"]["spacing"])
         assert side["source_checkpoint"] == str(tag.resolve())
     # training moved the EMA teacher away from the student: exporting the wrong one fails above
     key = "swinViT.layers1.0.blocks.0.attn.qkv.weight"
@@ -195,8 +196,9 @@ ema = TeacherEMA(module)
 engine.backward(engine(torch.rand(1, 1, 64, 64, 64)))
 engine.step()
 ema.update(0.5)
-checkpoint.save(engine, module, ema, out / "checkpoints", "step_1", 1,
-                {"model": {"feature_size": 12, "use_v2": False}, "data": {"roi": 64}}, 0, {}, {}, 0)
+checkpoint.save(engine, module, ema, out / "checkpoints", "step_1", step=1,
+                config={"model": {"feature_size": 12, "use_v2": False}, "sampler": {"roi": 64}}, zero_stage=0,
+                rank_state={}, keep_last=0)
 ref = {f"{w}.{k}": v.detach().clone() for w in ("student", "teacher")
        for k, v in getattr(module, w).backbone.named_parameters()}
 save_file(ref, str(out / "reference.safetensors"))
@@ -205,9 +207,9 @@ save_file(ref, str(out / "reference.safetensors"))
 the trainer's own `checkpoint.save`; the shared runs cover ZeRO 1-3."""
 
 
-def test_zero0_single_process(tmp_path):
+def test_zero0_single_process(tmp_path, free_port):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     proc = subprocess.run([sys.executable, "-c", ZERO0_SCRIPT, str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -222,14 +224,6 @@ def test_zero0_single_process(tmp_path):
                 assert torch.equal(t, ref[f"{which}.{name}"]), f"ZeRO-0 {which}: {name}"
     key = "swinViT.layers1.0.blocks.0.attn.qkv.weight"
     assert (ref[f"teacher.{key}"] - ref[f"student.{key}"]).abs().max() > 1e-4
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Recorder(dict):
@@ -282,7 +276,7 @@ def test_cli_verify_prints_table(ds_run, tmp_path, capsys):
     run = ds_run(1)
     out = tmp_path / "W.safetensors"
     rc = cli_main(["convert", str(run / "checkpoints"), "--out", str(out), "--tag", _tag_dir(run).name,
-                   "--model", "student", "--verify", "--verify-out-channels", "3"])
+                   "--model", "student", "--verify", "--verify_out_channels", "3"])
     err = capsys.readouterr().err
     assert rc == 0
     assert "alice-ds convert --verify: OK" in err

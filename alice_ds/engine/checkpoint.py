@@ -1,49 +1,41 @@
-"""Checkpoints: DeepSpeed's files plus everything an exact resume needs that DeepSpeed does not hold
-(layout fixed in docs/interfaces.md "Training module and checkpoints").
-
-```
-<output_dir>/checkpoints/<tag>/            tag = step_<N> | best
-    (DeepSpeed save_checkpoint files: model/optimizer states per rank)
-    alice_state.json                       step, world_size, zero_stage, resolved config, version
-    teacher_fp32_rank<r>.safetensors       fp32 teacher (every rank under ZeRO-3, rank 0 otherwise)
-    state_rank<r>.safetensors / .json      buffers (loss centers), RNG states, sampler state, counters
-<output_dir>/checkpoints/latest            the tag, written by rank 0 after every rank finished
-```
+"""Checkpoints: DeepSpeed's files (model/optimizer states per rank) plus everything an exact resume
+needs that DeepSpeed does not hold. File names and the ZeRO-3 partition arithmetic are in
+`checkpoint_layout` (shared with the exporter; docs/interfaces.md "Training module and checkpoints").
 No pickle: tensors in safetensors, the rest in JSON.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
 import re
 import shutil
 from pathlib import Path
 
+import deepspeed.comm as dist
 import numpy as np
 import torch
+from deepspeed.checkpoint import constants as ds_constants
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from alice_ds import __version__
+from alice_ds.engine import checkpoint_layout as layout
+from alice_ds.engine.checkpoint_layout import LATEST
 from alice_ds.errors import DataError, UserError
 from alice_ds.files import atomic_write_text
+
 
 def _universal_info() -> dict:
     """The `universal_checkpoint_info` entry DeepSpeed's `ds_to_universal` requires in the model states
     (Megatron-DeepSpeed writes it; plain engines do not, and the converter then needs
     `--inject_missing_state`), so our checkpoints convert to universal ones as they are."""
-    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
-
-    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    return {ds_constants.UNIVERSAL_CHECKPOINT_INFO:
+            {ds_constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds_constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
 STEP_TAG = re.compile(r"^step_(\d+)$")
 BEST_TAG = "best"
-LATEST = "latest"
 
 
 def step_tag(step: int) -> str:
@@ -77,33 +69,31 @@ def save_teacher(path: Path, ema, zero3: bool) -> None:
     tensors = {n: t.contiguous() for n, t in ema.local_state().items()}
     meta = {"format": "alice-ds-teacher-fp32", "zero3": json.dumps(zero3)}
     if zero3:
-        meta["zero3_shapes"] = json.dumps({n: list(p.ds_shape) for n, p in zip(ema.names, ema.teacher)})
+        meta[layout.ZERO3_SHAPES] = json.dumps({n: list(p.ds_shape) for n, p in zip(ema.names, ema.teacher)})
     save_file(tensors, str(path), metadata=meta)
 
 
-def save(engine, module, ema, ckpt_root: Path, tag: str, step: int, config: dict, zero_stage: int,
-         rank_state: dict, rank_tensors: dict[str, torch.Tensor], keep_last: int,
-         update_latest: bool = True) -> Path:
-    """Every rank calls this. `rank_state`/`rank_tensors`: this rank's JSON state and extra tensors
-    (sampler state, counters). `update_latest=False` for `best`, which `--resume auto` must not pick
-    over a newer step checkpoint. Returns the checkpoint directory."""
-    import deepspeed.comm as dist
-
+def save(engine, module, ema, ckpt_root: Path, tag: str, *, step: int, config: dict, zero_stage: int,
+         rank_state: dict, keep_last: int, update_latest: bool = True) -> Path:
+    """Every rank calls this. `rank_state`: this rank's JSON state (sampler state, counters).
+    `update_latest=False` for `best`, which `--resume auto` must not pick over a newer step
+    checkpoint. Returns the checkpoint directory."""
     rank, world = dist.get_rank(), dist.get_world_size()
     ckpt_root.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"step": step, **_universal_info()},
                            save_latest=False)
     d = ckpt_root / tag
     zero3 = zero_stage == 3
-    if zero3 or rank == 0:
-        save_teacher(d / f"teacher_fp32_rank{rank}.safetensors", ema, zero3)
+    if rank in layout.teacher_shard_ranks(zero_stage, world):
+        save_teacher(layout.teacher_shard(d, rank), ema, zero3)
     rng_tensors, rng_json = rng_state()
     buffers = {f"buffer.{n}": b.detach().cpu().contiguous() for n, b in module.named_buffers()
                if b is not None and n in module.state_dict()}
-    save_file({**buffers, **rng_tensors, **rank_tensors}, str(d / f"state_rank{rank}.safetensors"))
-    atomic_write_text(d / f"state_rank{rank}.json", json.dumps({"step": step, "rng": rng_json, **rank_state}))
+    state_tensors, state_json = layout.rank_state(d, rank)
+    save_file({**buffers, **rng_tensors}, str(state_tensors))
+    atomic_write_text(state_json, json.dumps({"step": step, "rng": rng_json, **rank_state}))
     if rank == 0:
-        atomic_write_text(d / "alice_state.json", json.dumps(
+        atomic_write_text(layout.state_path(d), json.dumps(
             {"step": step, "world_size": world, "zero_stage": zero_stage, "config": config,
              "alice_ds_version": __version__}, indent=2))
     dist.barrier()
@@ -121,7 +111,7 @@ def step_tags(ckpt_root: Path) -> list[tuple[int, str]]:
     out = []
     for p in ckpt_root.iterdir():
         m = STEP_TAG.match(p.name)
-        if m and (p / "alice_state.json").is_file():
+        if m and layout.state_path(p).is_file():
             out.append((int(m.group(1)), p.name))
     return sorted(out)
 
@@ -150,7 +140,7 @@ def resolve_resume(ckpt_root: Path, resume: str | None) -> str | None:
         tag = pointer.read_text().strip()
     else:
         tag = resume
-    if not (ckpt_root / tag / "alice_state.json").is_file():
+    if not layout.state_path(ckpt_root / tag).is_file():
         raise DataError(ckpt_root / tag, "no finished checkpoint here (alice_state.json missing); "
                         f"available: {[t for _, t in step_tags(ckpt_root)] or 'none'}")
     return tag
@@ -158,28 +148,18 @@ def resolve_resume(ckpt_root: Path, resume: str | None) -> str | None:
 
 def _full_teacher(d: Path, saved: dict) -> dict[str, torch.Tensor]:
     """Full fp32 teacher tensors of a checkpoint, reassembled from its ZeRO-3 shards if need be."""
-    ranks = range(saved["world_size"]) if saved["zero_stage"] == 3 else range(1)
-    files = [d / f"teacher_fp32_rank{r}.safetensors" for r in ranks]
+    files = layout.teacher_shards(d, saved["zero_stage"], saved["world_size"])
     parts = [load_file(str(f)) for f in files]
     if saved["zero_stage"] != 3:
         return parts[0]
-    shapes = json.loads(read_teacher_metadata(files[0])["zero3_shapes"])
-    return {n: torch.cat([p[n] for p in parts])[:math.prod(shapes[n])].view(shapes[n]) for n in shapes}
+    shapes = json.loads(read_teacher_metadata(files[0])[layout.ZERO3_SHAPES])
+    return {n: layout.zero3_unpartition([p[n] for p in parts], shapes[n]) for n in shapes}
 
 
 def _local_teacher(full: dict[str, torch.Tensor], ema, rank: int, world: int) -> dict[str, torch.Tensor]:
-    """This rank's view of full teacher tensors: whole, or its padded ZeRO-3 partition
-    (partition r of world w = flat[r*n:(r+1)*n], n = ceil(numel / w), zero padded)."""
-    out = {}
-    for n, p in zip(ema.names, ema.teacher):
-        if not hasattr(p, "ds_tensor"):
-            out[n] = full[n]
-            continue
-        size = p.ds_tensor.numel()
-        flat = torch.zeros(size * world, dtype=full[n].dtype)
-        flat[:full[n].numel()] = full[n].reshape(-1)
-        out[n] = flat[rank * size:(rank + 1) * size]
-    return out
+    """This rank's view of full teacher tensors: whole, or its padded ZeRO-3 partition."""
+    return {n: layout.zero3_partition(full[n], rank, world) if hasattr(p, "ds_tensor") else full[n]
+            for n, p in zip(ema.names, ema.teacher)}
 
 
 def load(engine, module, ema, ckpt_root: Path, tag: str, zero_stage: int) -> tuple[dict, dict]:
@@ -187,11 +167,9 @@ def load(engine, module, ema, ckpt_root: Path, tag: str, zero_stage: int) -> tup
     (alice_state, this rank's JSON state) so the trainer restores step, sampler and counters.
     Another world size or ZeRO stage needs a universal checkpoint (README "Scaling out"); the teacher
     is then re-partitioned and ranks beyond the saved ones take rank 0's state."""
-    import deepspeed.comm as dist
-
     rank, world = dist.get_rank(), dist.get_world_size()
     d = ckpt_root / tag
-    alice_state = json.loads((d / "alice_state.json").read_text())
+    alice_state = json.loads(layout.state_path(d).read_text())
     same_layout = alice_state["world_size"] == world and alice_state["zero_stage"] == zero_stage
     if not same_layout and not engine.load_universal_checkpoint():
         raise UserError(f"{d}: saved with world size {alice_state['world_size']} and ZeRO-"
@@ -202,21 +180,20 @@ def load(engine, module, ema, ckpt_root: Path, tag: str, zero_stage: int) -> tup
     if load_path is None:
         raise DataError(d, "DeepSpeed could not load this checkpoint")
     if same_layout:
-        teacher_file = d / f"teacher_fp32_rank{rank if zero_stage == 3 else 0}.safetensors"
+        teacher_file = layout.teacher_shard(d, rank if zero_stage == 3 else 0)
         ema.load_local_state(load_file(str(teacher_file)), str(teacher_file))
     else:
         ema.load_local_state(_local_teacher(_full_teacher(d, alice_state), ema, rank, world), str(d))
     saved_rank = rank if rank < alice_state["world_size"] else 0
-    tensors = load_file(str(d / f"state_rank{saved_rank}.safetensors"))
+    state_tensors, state_json = layout.rank_state(d, saved_rank)
+    tensors = load_file(str(state_tensors))
     with torch.no_grad():
         for n, b in module.named_buffers():
             key = f"buffer.{n}"
             if key in tensors:
                 b.copy_(tensors[key])
-    rank_state = json.loads((d / f"state_rank{saved_rank}.json").read_text())
+    rank_state = json.loads(state_json.read_text())
     set_rng_state(tensors, rank_state["rng"])
-    rank_state["tensors"] = {k: v for k, v in tensors.items()
-                             if not k.startswith(("buffer.", "rng."))}
     return alice_state, rank_state
 
 

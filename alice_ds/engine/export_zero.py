@@ -20,7 +20,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
-import math
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -29,11 +28,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from alice_ds.engine import checkpoint_layout as layout
+from alice_ds.engine.checkpoint_layout import ALICE_STATE, LATEST
 from alice_ds.errors import DataError
-
-ALICE_STATE = "alice_state.json"
-LATEST = "latest"
-TEACHER_SHARD = "teacher_fp32_rank{rank}.safetensors"
+from alice_ds.files import read_json
 
 # The only non-tensor classes DeepSpeed 0.16-0.19 pickles into its checkpoint files. `zero_to_fp32`
 # unpickles those files with weights_only=False; we list every global a file would import first
@@ -98,12 +96,7 @@ def locate(checkpoint_dir: str | Path, tag: str = "latest") -> CheckpointRef:
         have = sorted(p.name for p in root.iterdir() if (p / ALICE_STATE).is_file())
         raise DataError(tag_dir, f"no checkpoint tag {tag!r} (tags here: {', '.join(have) or 'none'})")
     state_path = tag_dir / ALICE_STATE
-    try:
-        state = json.loads(state_path.read_text())
-    except FileNotFoundError:
-        raise DataError(state_path, "missing: not an alice-ds checkpoint, or its save did not finish") from None
-    except json.JSONDecodeError as e:
-        raise DataError(state_path, f"not valid JSON ({e})") from None
+    state = read_json(state_path, "missing: not an alice-ds checkpoint, or its save did not finish")
     for key in ("step", "world_size", "zero_stage", "config"):
         if key not in state:
             raise DataError(state_path, f"has no {key!r} entry")
@@ -160,16 +153,15 @@ class BackboneSource(abc.ABC):
 class TeacherSource(BackboneSource):
     """The fp32 teacher from `teacher_fp32_rank<r>.safetensors` (+ buffers from DeepSpeed).
 
-    ZeRO 0-2: rank 0's file holds full tensors. ZeRO-3: every rank's file holds a flat partition of
-    ceil(numel / world_size) elements; full = cat(partitions)[:numel].view(shape) (`zero3_shapes`).
+    ZeRO 0-2: rank 0's file holds full tensors. ZeRO-3: every rank's file holds a flat partition
+    (`checkpoint_layout.zero3_unpartition`), full shapes in the metadata `zero3_shapes`.
     """
 
     SHARD_PREFIX = "backbone."
 
     def __init__(self, ref: CheckpointRef):
         self.ref = ref
-        ranks = range(ref.world_size) if ref.zero_stage == 3 else range(1)
-        self.paths = [ref.tag_dir / TEACHER_SHARD.format(rank=r) for r in ranks]
+        self.paths = layout.teacher_shards(ref.tag_dir, ref.zero_stage, ref.world_size)
         self.files = []
         for path in self.paths:
             if not path.is_file():
@@ -183,9 +175,9 @@ class TeacherSource(BackboneSource):
         self.shapes: dict[str, list[int]] = {}
         if ref.zero_stage == 3:
             meta = self.files[0].metadata() or {}
-            if "zero3_shapes" not in meta:
-                raise DataError(self.paths[0], "ZeRO-3 teacher shard without `zero3_shapes` metadata")
-            self.shapes = json.loads(meta["zero3_shapes"])
+            if layout.ZERO3_SHAPES not in meta:
+                raise DataError(self.paths[0], f"ZeRO-3 teacher shard without `{layout.ZERO3_SHAPES}` metadata")
+            self.shapes = json.loads(meta[layout.ZERO3_SHAPES])
         keys = [k for k in self.files[0].keys() if k.startswith(self.SHARD_PREFIX)]
         for path, f in zip(self.paths[1:], self.files[1:]):
             if sorted(k for k in f.keys() if k.startswith(self.SHARD_PREFIX)) != sorted(keys):
@@ -210,13 +202,11 @@ class TeacherSource(BackboneSource):
             return parts[0].float()
         shape = self.shapes[key] if key in self.shapes else self.shapes.get(name)
         if shape is None:
-            raise DataError(self.paths[0], f"`zero3_shapes` has no shape for {key!r}")
-        numel = math.prod(shape)
-        flat = torch.cat(parts)  # [world_size * ceil(numel / world_size)], padded at the end
-        if flat.numel() < numel:
-            raise DataError(self.paths[0], f"{key!r}: partitions hold {flat.numel()} elements, "
-                                           f"shape {shape} needs {numel}")
-        return flat[:numel].view(shape).float()
+            raise DataError(self.paths[0], f"`{layout.ZERO3_SHAPES}` has no shape for {key!r}")
+        try:
+            return layout.zero3_unpartition(parts, shape).float()
+        except ValueError as e:
+            raise DataError(self.paths[0], f"{key!r}: {e}") from None
 
 
 class StudentSource(BackboneSource):
