@@ -12,30 +12,20 @@ import importlib
 import sys
 
 from alice_ds import __version__
+from alice_ds.console import fail
 from alice_ds.errors import UserError
 
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "phantom": ("alice_ds.data.phantom_cli", "write a synthetic abdominal/thoracic CT dataset (FLARE layout)"),
+    "phantom": ("alice_ds.data.phantom.cli", "write a synthetic abdominal/thoracic CT dataset (FLARE layout)"),
     "datalist": ("alice_ds.data.datalist", "scan a folder of NIfTI CTs and write a decathlon JSON datalist"),
     "preprocess": ("alice_ds.data.preprocess", "resample CTs to RAS + fixed spacing into a memory-mapped int16 cache"),
     "sam-train": ("alice_ds.sam.train", "self-supervised training of the SAM anatomical embedding network"),
     "embed": ("alice_ds.sam.embed", "write SAM fine/coarse embeddings (safetensors) for every cached case"),
     "match": ("alice_ds.sam.match_cli", "match a world-mm point of one case into another with SAM embeddings"),
     "sam-eval": ("alice_ds.sam.evaluate", "landmark matching accuracy of SAM embeddings across cases"),
-    "convert": ("alice_ds.export", "convert a ZeRO checkpoint into MONAI SwinUNETR weights (safetensors)"),
+    "convert": ("alice_ds.export.converter", "convert a ZeRO checkpoint into MONAI SwinUNETR weights (safetensors)"),
 }
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a bad value is a usage error naming it, not a traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -70,7 +60,6 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from alice_ds.console import fail
 
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)

@@ -13,3 +13,8 @@ class DataError(UserError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value out of range: the message names the field (`sampler.mask_block`) and
+    the value. Also a `ValueError`, for library callers that build a config section directly."""

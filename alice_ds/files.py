@@ -1,5 +1,6 @@
 """Atomic file writes: a file either appears whole under its name or not at all (a killed process
-leaves at most a hidden temporary next to it, never a truncated file under the real name).
+leaves at most a hidden temporary next to it, never a truncated file under the real name); and the
+one JSON reader whose errors name the file.
 
 Every writer of the project goes through `atomic_path`: the cache, datalists, phantoms, SAM models
 and embeddings, checkpoints and exported weights.
@@ -7,10 +8,13 @@ and embeddings, checkpoints and exported weights.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from alice_ds.errors import DataError
 
 TMP_MARK = ".tmp-"
 """Temporaries are named `.<name>.tmp-<pid><suffix>`: hidden, and the pid tells a live writer's
@@ -38,6 +42,20 @@ def atomic_write_text(path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return path
+
+
+def read_json(path, missing: str):
+    """The JSON document in `path`; a `DataError` naming the file when it does not exist (`missing`
+    says what that means to the caller) or does not hold JSON text."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(path, missing) from None
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise DataError(path, f"not a JSON text file ({type(e).__name__})") from None
 
 
 def stale_temporaries(folder) -> list[Path]:

@@ -20,28 +20,10 @@ import statistics
 import sys
 import time
 
+from alice_ds.engine.flops import count_flops, datasheet_tflops
+
 MIN_TRAIN_ROI = 64
 """At 32^3 the deepest grid is one voxel, and instance norm cannot train on a single voxel."""
-DATASHEET_BF16_TFLOPS = {"H100 80GB HBM3": 989, "H100 PCIe": 756, "H100 NVL": 835, "H200": 989,
-                         "A100": 312}
-"""Dense bf16 tensor-core peak from NVIDIA datasheets, keyed by a substring of
-`torch.cuda.get_device_name()`: the denominator of MFU (bf16 runs only)."""
-
-
-def count_flops(run) -> int:
-    """FLOPs of one call of `run` as PyTorch's FlopCounterMode counts them (matrix products,
-    convolutions and attention, forward and backward; elementwise work is not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        run()
-    return counter.get_total_flops()
-
-
-def datasheet_tflops(device_name: str) -> float | None:
-    return next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in device_name), None)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--feature_size", type=int, default=24, help="SwinUNETR feature size F (multiple of 12)")

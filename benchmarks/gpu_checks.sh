@@ -50,7 +50,7 @@ EOF
 data() {
   local d=$WORK/data
   [ -f "$d/phantoms/dataset.json" ] || $ALICE phantom "$d/phantoms" --num 8 --seed 0 --small
-  $ALICE datalist "$d/phantoms" -o "$d/datalist.json" --val-fraction 0.25
+  $ALICE datalist "$d/phantoms" -o "$d/datalist.json" --val_fraction 0.25
   $ALICE preprocess --data_dir "$d/phantoms" --json_list "$d/datalist.json" --cache_dir "$d/cache" \
     --spacing 2 2 2 --workers 8
   if [ -z "$SAM" ]; then

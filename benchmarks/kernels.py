@@ -1,13 +1,13 @@
 """Time and peak memory of the fused losses against the plain-PyTorch reference, forward + backward.
 
-    python benchmarks/kernels.py [--json OUT] [--quick] [--dtype float32|bfloat16] [--max-mem-gib G]
+    python benchmarks/kernels.py [--json OUT] [--quick] [--dtype float32|bfloat16] [--max_mem_gib G]
 
 Centered cross-entropy at (N, K) in {(4096, 512), (65536, 8192), (16384, 65536)} and the masked
 reconstruction MSE at B=8, 96³ (mask ratio 0.75 on 2-voxel blocks). On CUDA: Triton vs eager, with
 achieved GB/s (bytes the fused path must move: CE 7·N·K·itemsize for two sweeps over s and t, the
 gradient write and the in-place backward scale; MSE 5·voxels·itemsize + mask) and, for known devices,
-the fraction of the datasheet memory bandwidth. Elsewhere: the chunked PyTorch path vs the reference; a case whose reference would not
-fit in `--max-mem-gib` is run with N halved until it fits (the row says which N ran).
+the fraction of the datasheet memory bandwidth. Elsewhere: the chunked PyTorch path vs the reference;
+a case whose reference would not fit in `--max_mem_gib` is run with N halved until it fits (the row says which N ran).
 
 Peak memory is measured per case in a fresh subprocess, as the extra memory above what the inputs
 already hold: on CUDA `torch.cuda.max_memory_allocated()` minus the allocation before the step; on
@@ -43,7 +43,7 @@ DATASHEET_GB_S = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "
 """Memory bandwidth from NVIDIA datasheets, keyed by a substring of `torch.cuda.get_device_name()`."""
 REF_CE_FP32_COPIES = 7
 """Upper estimate of the [N, K] fp32 tensors the reference CE holds at its peak (inputs included),
-used only to shrink N on CPU so the case fits in --max-mem-gib; the measured peak is reported."""
+used only to shrink N on CPU so the case fits in --max_mem_gib; the measured peak is reported."""
 REF_MSE_FP32_COPIES = 10
 BYTES_PER_KIB = 1024
 TABLE_WIDTH = 110
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads per case (0: torch's default). On a shared, oversubscribed "
                          "machine 1 gives steadier timings")
-    ap.add_argument("--max-mem-gib", type=float, default=6.0,
+    ap.add_argument("--max_mem_gib", type=float, default=6.0,
                     help="CPU only: halve N until the reference's estimated peak fits in this many GiB")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its row
     args = ap.parse_args(argv)
@@ -225,11 +225,10 @@ def main(argv=None) -> int:
     if args.threads < 0:
         ap.error(f"--threads must be >= 0, got {args.threads}")
     if args.max_mem_gib <= 0:
-        ap.error(f"--max-mem-gib must be > 0, got {args.max_mem_gib}")
+        ap.error(f"--max_mem_gib must be > 0, got {args.max_mem_gib}")
 
     import torch
     import triton
-
     from rich.console import Console
 
     from alice_ds.console import console, progress, table
@@ -277,5 +276,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     raise SystemExit(main())

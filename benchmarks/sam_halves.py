@@ -7,12 +7,12 @@ On cases with known landmarks (phantoms), for the embeddings of `--embed_dir`:
 - `learned, global`: (fine + coarse) / 2 at every fine voxel (`Matcher(search="global")`);
 - `learned coarse alone`: the coarse argmax voxel (`Matcher(search="coarse")`), no fine search;
 - `learned fine + oracle coarse`: the learned fine grid with a ground-truth coarse grid
-  (alice_ds.data.oracle: anatomical position up to an affine landmark fit), window search: what the
+  (alice_ds.sam.oracle: anatomical position up to an affine landmark fit), window search: what the
   fine half gives when the coarse half is right;
 - `oracle`: both halves from the landmark fit (the accuracy of that fit);
 - `learned fine + atlas coarse` and `atlas oracle` (phantom landmark files only, `--no_atlas` skips
   them): the same with the generator's exact anatomical frame
-  (`alice_ds.data.oracle.write_atlas_oracle_embedding`) instead of the landmark fit: what a perfect
+  (`alice_ds.sam.oracle.write_atlas_oracle_embedding`) instead of the landmark fit: what a perfect
   geometric coarse half gives, and exact correspondence up to the per-case organ shifts (the
   ceiling of anatomy mapped geometrically, on landmarks that move with their organ).
 
@@ -32,7 +32,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from alice_ds.cli import positive_int
+from alice_ds.args import positive_int
 from alice_ds.sam import DEFAULT_CANDIDATES
 
 
@@ -64,17 +64,19 @@ def _run(args) -> int:
     from alice_ds.console import console, table
     from alice_ds.data import case_key
     from alice_ds.data.cache import open_case
-    from alice_ds.data.oracle import write_atlas_oracle_embedding, write_oracle_embedding
+    from alice_ds.data.datalist import split_case_ids
+    from alice_ds.data.landmarks import read_landmark_folder
     from alice_ds.data.phantom import subject_for_landmarks
-    from alice_ds.sam import DEFAULT_WINDOW
     from alice_ds.errors import DataError
-    from alice_ds.sam.evaluate import AXES_HEADER, axes_cell, evaluate, read_landmark_folder, validation_cases
+    from alice_ds.sam import DEFAULT_WINDOW
+    from alice_ds.sam.evaluate import AXES_HEADER, axes_cell, evaluate
     from alice_ds.sam.io import embedding_path, list_embeddings, open_embedding, write_embedding
+    from alice_ds.sam.oracle import write_atlas_oracle_embedding, write_oracle_embedding
 
     window = args.window or DEFAULT_WINDOW
     folder = read_landmark_folder(args.landmarks)
     files, marks = {k: f for k, (f, _) in folder.items()}, {k: m for k, (_, m) in folder.items()}
-    only = None if args.json_list is None else validation_cases(args.json_list)
+    only = None if args.json_list is None else set(split_case_ids(args.json_list, "validation"))
     cases = [c for c in list_embeddings(args.embed_dir)
              if case_key(c) in marks and (only is None or c in only)]
     reference = marks[sorted(marks)[0]]

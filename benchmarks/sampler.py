@@ -3,7 +3,7 @@ once, memory-mapped fine windows) vs the reference algorithm (one random point p
 similarity by conv3d over the whole fine grid, up to 101 tries, embeddings re-read from disk every
 try), in one run, on phantom cases of realistic size preprocessed to 1.5 mm.
 
-Embeddings are ground-truth oracle files (alice_ds.data.oracle) fitted to each phantom's landmarks
+Embeddings are ground-truth oracle files (alice_ds.sam.oracle) fitted to each phantom's landmarks
 (phantoms deform smoothly, so the affine fit leaves a few mm of residual and points outside the
 partner's field of view score low: acceptance is below 1, as with a learned SAM).
 
@@ -45,10 +45,10 @@ def build_data(work: Path, num_cases: int, seed: int, spacing: float) -> tuple[P
     from alice_ds.data import case_key
     from alice_ds.data.cache import list_cases, open_case
     from alice_ds.data.datalist import build_datalist, write_datalist
-    from alice_ds.data.oracle import write_oracle_embedding
     from alice_ds.data.phantom import write_dataset
     from alice_ds.data.preprocess import preprocess_dataset
     from alice_ds.sam.io import embedding_path
+    from alice_ds.sam.oracle import write_oracle_embedding
 
     raw, cache, embed = work / "phantom", work / "cache", work / "embed"
     if not (raw / "dataset.json").exists():
@@ -209,7 +209,8 @@ def time_cuda_augment(batch: dict, augment, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from alice_ds.data.pairs import PairConfig, PairDataset, apply_device_augment, tune_worker_allocator
+    from alice_ds.sampler import PairDataset, SamplerConfig, apply_device_augment
+    from alice_ds.sampler.loader import tune_worker_allocator
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -223,10 +224,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     ap.add_argument("--device_batch", type=int, default=8,
                     help="pairs per apply_device_augment call (augment_on='device'), timed on this CPU")
-    ap.add_argument("--match_candidates", type=int, default=PairConfig.match_candidates,
-                    help="coarse candidates per matcher point (PairConfig.match_candidates)")
+    ap.add_argument("--match_candidates", type=int, default=SamplerConfig.match_candidates,
+                    help="coarse candidates per matcher point (SamplerConfig.match_candidates)")
     ap.add_argument("--seed", type=int, default=0, help="phantom and sampling seed")
-    ap.add_argument("--score_threshold", type=float, default=PairConfig.score_threshold,
+    ap.add_argument("--score_threshold", type=float, default=SamplerConfig.score_threshold,
                     help="acceptance threshold for both samplers; oracle embeddings score ~1 at a true "
                          "match, so a higher threshold mimics the lower acceptance of a learned SAM")
     args = ap.parse_args(argv)
@@ -244,9 +245,9 @@ def main(argv=None) -> int:
     results = {}
     thr = args.score_threshold
     common = dict(roi=args.roi, score_threshold=thr, match_candidates=args.match_candidates)
-    for name, cfg in (("plain", PairConfig(**common, rotation=0.0, noise_std=0.0)),
-                      ("augmented", PairConfig(**common)),
-                      ("device_aug", PairConfig(**common, augment_on="device"))):
+    for name, cfg in (("plain", SamplerConfig(**common, rotation=0.0, noise_std=0.0)),
+                      ("augmented", SamplerConfig(**common)),
+                      ("device_aug", SamplerConfig(**common, augment_on="device"))):
         ds = PairDataset(cache, embed, cfg, seed=args.seed, rank=0, world_size=1)
         stages = Stages(ds)
         it = iter(ds)
@@ -302,7 +303,7 @@ def main(argv=None) -> int:
         "config": {"roi": args.roi, "spacing_mm": args.spacing, "num_cases": args.num_cases,
                    "case_shapes": shapes, "pairs": args.pairs, "baseline_pairs": args.baseline_pairs,
                    "repeats": args.repeats, "device_batch": args.device_batch, "torch_threads": 1,
-                   "sampler": PairConfig(**common).__dict__},
+                   "sampler": SamplerConfig(**common).__dict__},
         "device": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                    "torch": torch.__version__, "numpy": np.__version__},
     }

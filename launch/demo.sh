@@ -16,7 +16,7 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 step "1/8 phantom CTs ($NUM small cases)"
 [ -f "$W/phantoms/dataset.json" ] || alice-ds phantom "$W/phantoms" --num "$NUM" --seed 0 --small
 step "2/8 datalist"
-alice-ds datalist "$W/phantoms" -o "$W/datalist.json" --val-fraction 0.2
+alice-ds datalist "$W/phantoms" -o "$W/datalist.json" --val_fraction 0.2
 step "3/8 preprocess (RAS, 2 mm, int16 memory-mapped cache)"
 alice-ds preprocess --data_dir "$W/phantoms" --json_list "$W/datalist.json" --cache_dir "$W/cache" \
   --spacing 2 2 2 --workers 2

@@ -5,44 +5,53 @@
         --batch_size 8 --num_steps 100000 --lr 5e-5 [--preset B] [--config presets/tiny.yaml] [--resume auto]
 
 Also runs under `torchrun`, `accelerate launch` and SLURM `srun` (launch/slurm.sbatch): ranks come
-from the environment (alice_ds.engine.distenv). User mistakes print one line and exit 2.
+from the environment (alice_ds.engine.distenv). A mistake in the input (a flag, the YAML, the
+DeepSpeed JSON, the cache, the datalist) prints one line on rank 0 and exits 2 on every rank,
+before any process group starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from alice_ds.console import fail
+from alice_ds.engine import flags
+from alice_ds.engine.distenv import setup_env
+from alice_ds.errors import UserError
+
+
+def _launcher_rank() -> int:
+    """This process's rank as the launcher's environment says, before `setup_env` maps it."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from alice_ds.console import fail
-    from alice_ds.engine import config
-    from alice_ds.errors import UserError
-
     parser = argparse.ArgumentParser(
-        prog="launch/train.py", description="Alice self-supervised pretraining with DeepSpeed "
-        "(ZeRO 0-3, bf16 autocast, fp32 teacher EMA). Command-line flags (--preset included) override "
-        "the --config YAML, which overrides the defaults.",
-        epilog="Tests only: the environment variable ALICE_DS_FAULT injects faults, comma-separated "
-        "nan:RANK:STEP[:COUNT] (NaN loss for the first COUNT forward passes of STEP, all if omitted), "
-        "exit:RANK:STEP (the rank dies with status 17) and term:RANK:STEP (the rank sends itself SIGTERM "
-        "when STEP starts); see alice_ds/engine/trainer.py Faults.")
-    config.add_arguments(parser)
+        prog="launch/train.py",
+        usage="%(prog)s [--config YAML] [--preset NAME] --deepspeed_config JSON --json_list J --cache_dir C "
+              "--output_dir O [--embed_dir E] [--FIELD VALUE ...]",
+        description="Alice self-supervised pretraining with DeepSpeed (ZeRO 0-3, bf16 autocast, fp32 teacher EMA). "
+                    "Every field of the config tree is a flag; flags override the --config YAML, which overrides "
+                    "--preset, which overrides the defaults shown.")
+    flags.add_arguments(parser)
     args = parser.parse_args(argv)
+    started = False
     try:
-        from alice_ds.engine.distenv import setup_env
+        cfg = flags.config_from_args(args)
+        env = setup_env()
+        # imported here: deepspeed's import costs seconds, and --help or a bad flag must not wait for it
+        from alice_ds.engine.runtime import distributed, preflight
         from alice_ds.engine.trainer import Trainer
 
-        cfg = config.config_from_args(args)
-        env = setup_env()
-        rc = Trainer(cfg, env).run()
-        import torch.distributed as dist
-
-        if dist.is_initialized():  # NCCL warns at exit otherwise
-            dist.destroy_process_group()
-        return rc
+        cfg, ds_config = preflight(cfg, env)
+        with distributed(env):
+            started = True
+            return Trainer(cfg, env, ds_config).run()
     except UserError as e:
-        fail(str(e))
+        if started or _launcher_rank() == 0:  # before the start every rank has the same error: say it once
+            fail(str(e))
         return 2
 
 

@@ -12,9 +12,10 @@ import json
 import os
 from pathlib import Path
 
+from alice_ds.console import console, table
 from alice_ds.data import NIFTI_SUFFIXES, case_id_from_path, case_key
 from alice_ds.errors import DataError, UserError
-from alice_ds.files import atomic_write_text
+from alice_ds.files import atomic_write_text, read_json
 
 SECTIONS = ("training", "validation")
 FLARE_IMAGE_DIRS = ("imagesTr", "imagesTs")
@@ -55,7 +56,7 @@ def build_datalist(data_dir, val_fraction: float = 0.05, seed: int = 0) -> dict:
     """Scan `data_dir` and split into `training` / `validation` (a fraction `val_fraction` of the
     cases, at least one when the fraction is positive and there are two or more cases)."""
     if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(data_dir, "data directory not found")
@@ -74,21 +75,33 @@ def write_datalist(datalist: dict, path) -> Path:
     return atomic_write_text(path, json.dumps(datalist, indent=2) + "\n")
 
 
+def _read(path: Path) -> dict:
+    """The raw JSON object of a decathlon datalist (a `DataError` naming the file otherwise)."""
+    raw = read_json(path, "datalist not found")
+    if not isinstance(raw, dict) or "training" not in raw:
+        raise DataError(path, 'not a decathlon datalist (expected an object with a "training" list)')
+    return raw
+
+
+def split_case_ids(path, split: str) -> list[str]:
+    """Case ids of one list of a datalist (`training` | `validation`), in file order. Stages that
+    read the cache or embeddings need the ids only, so image files are not checked here."""
+    if split not in SECTIONS:
+        raise ValueError(f"split must be one of {SECTIONS}, got {split!r}")
+    path = Path(path)
+    items = _read(path).get(split, [])
+    try:
+        return [case_id_from_path(e if isinstance(e, str) else e["image"]) for e in items]
+    except (KeyError, TypeError) as e:
+        raise DataError(path, f'every "{split}" entry needs an "image" path ({e!r})') from None
+
+
 def load_datalist(path, data_dir, check_files: bool = True) -> dict[str, list[dict]]:
     """Read and validate a decathlon datalist; returns `{"training": [...], "validation": [...]}`
     with absolute paths. Every `image`/`label` must be a relative path that stays inside `data_dir`
     (and exist, when `check_files`). Errors are `UserError`s naming the file and the entry."""
     path, data_dir = Path(path), Path(data_dir)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(path, "datalist not found") from None
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except (UnicodeDecodeError, IsADirectoryError) as e:
-        raise DataError(path, f"not a JSON text file ({e.__class__.__name__})") from None
-    if not isinstance(raw, dict) or "training" not in raw:
-        raise DataError(path, 'not a decathlon datalist (expected an object with a "training" list)')
+    raw = _read(path)
     if not data_dir.is_dir():
         raise DataError(data_dir, "data directory not found")
     # Lexical check (no symlink resolution): `../` in a datalist is a mistake, a symlinked
@@ -129,13 +142,12 @@ def add_arguments(parser) -> None:
                                          "or any folder of .nii/.nii.gz files (searched recursively)")
     parser.add_argument("-o", "--output", required=True,
                         help="datalist JSON to write (decathlon format, paths relative to DATA_DIR)")
-    parser.add_argument("--val-fraction", type=float, default=0.05,
+    parser.add_argument("--val_fraction", type=float, default=0.05,
                         help="fraction of cases put in the validation list (deterministic per seed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation split")
 
 
 def run(args) -> int:
-    from alice_ds.console import console, table
 
     d = build_datalist(args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
     path = write_datalist(d, args.output)

@@ -6,6 +6,8 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+from monai.data import NibabelReader
+from monai.transforms import LoadImage
 
 from alice_ds.errors import DataError
 
@@ -34,8 +36,6 @@ def load_ct(path):
     carrying its affine (voxel -> RAS world mm). Raises `DataError` for a missing, truncated or
     corrupt file, an image that is not 3D (a trailing singleton 4th axis is accepted), a single
     slice, non-finite voxels or a singular affine."""
-    from monai.data import NibabelReader
-    from monai.transforms import LoadImage
 
     path = Path(path)
     if not path.is_file():

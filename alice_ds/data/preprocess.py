@@ -16,15 +16,23 @@ rounded int16 HU, written as `<case_id>.npy` + `<case_id>.json` (see `alice_ds.d
 from __future__ import annotations
 
 import json
-import os
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import torch
+from monai.transforms import EnsureChannelFirst, Orientation, Spacing
+from rich.markup import escape
 
+from alice_ds.console import console, progress, table, warn
 from alice_ds.data import case_id_from_path
 from alice_ds.data.cache import array_path, meta_path
+from alice_ds.data.datalist import SECTIONS, load_datalist
+from alice_ds.data.nifti import file_fingerprint, load_ct
 from alice_ds.errors import DataError, UserError
 from alice_ds.files import atomic_path, atomic_write_text, stale_temporaries
 
@@ -68,7 +76,6 @@ def _up_to_date(cache_dir: Path, case_id: str, source: Path, settings: dict) -> 
     st = source.stat()
     if old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
         return True
-    from alice_ds.data.nifti import file_fingerprint
 
     return old.get("size") == st.st_size and old.get("blake2b") == file_fingerprint(source)["blake2b"]
 
@@ -76,11 +83,7 @@ def _up_to_date(cache_dir: Path, case_id: str, source: Path, settings: dict) -> 
 def process_case(source: str, case_id: str, cache_dir: str, spacing) -> dict:
     """Decode, reorient, resample and write one case. Returns a result row; a bad input is reported
     (`status="bad"`) rather than raised so a pool worker can carry on."""
-    import nibabel as nib
-    import torch
-    from monai.transforms import EnsureChannelFirst, Orientation, Spacing
 
-    from alice_ds.data.nifti import file_fingerprint, load_ct
 
     start = time.perf_counter()
     source_p, cache_p = Path(source), Path(cache_dir)
@@ -120,14 +123,12 @@ def process_case(source: str, case_id: str, cache_dir: str, spacing) -> dict:
 
 
 def _worker_init() -> None:
-    import torch
 
     torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
 
 
 def _collect_cases(data_dir, json_list) -> list[tuple[str, str]]:
     """(case_id, absolute source) for every image of every list, in order, without duplicates."""
-    from alice_ds.data.datalist import SECTIONS, load_datalist
 
     lists = load_datalist(json_list, data_dir, check_files=False)
     seen: dict[str, str] = {}
@@ -145,9 +146,7 @@ def preprocess_dataset(data_dir, json_list, cache_dir, spacing=(1.5, 1.5, 2.0), 
     """Fill `cache_dir` with every image of the datalist (training and validation). Prints a progress
     bar and a summary table when `show`. Raises `DataError` for the first bad case after all good
     ones are done, unless `skip_bad` (then bad cases are only warned about and listed)."""
-    from rich.markup import escape
 
-    from alice_ds.console import console, progress, table, warn
 
     spacing = [float(s) for s in spacing]
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
@@ -186,8 +185,6 @@ def preprocess_dataset(data_dir, json_list, cache_dir, spacing=(1.5, 1.5, 2.0), 
                 record(process_case(*t))
                 bar.advance(task)
         else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
 
             # spawn: forking a parent that already runs torch/OpenMP threads can deadlock the child.
             pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
@@ -227,7 +224,7 @@ def add_arguments(parser) -> None:
                         help="target voxel size in mm (RAS axes)")
     parser.add_argument("--workers", type=int, default=1,
                         help="parallel processes (each decodes and resamples one case at a time)")
-    parser.add_argument("--skip-bad", action="store_true",
+    parser.add_argument("--skip_bad", action="store_true",
                         help="exit 0 even when some inputs are unreadable (they are still listed)")
 
 

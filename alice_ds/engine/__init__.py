@@ -1,11 +1,15 @@
-"""Everything DeepSpeed (the only package besides launch/ that imports it; imported lazily):
+"""Everything DeepSpeed (the only package that imports it):
 
-- `config`: the typed config tree, CLI flags, DeepSpeed JSON resolution;
+- `config`: the typed config tree (model, data, sampler, optim, loss, run) and `resolve`;
+- `flags`: the command line of launch/train.py, generated from the config tree;
+- `ds_config`: the DeepSpeed JSON, filled and checked;
+- `runtime`: pre-flight checks before any rendezvous, the process group's start and teardown;
 - `schedules`: lr / weight decay / teacher momentum / last-layer freeze as pure functions of the step;
 - `distenv`: rank discovery for deepspeed, torchrun, accelerate and SLURM srun;
 - `ema`: the fp32 teacher EMA on each rank's own shards (ZeRO 0-3);
 - `cpu_bf16`: fp32 for the Conv3d calls that hit oneDNN's bf16 weight-gradient bug on the CPU;
-- `checkpoint`: DeepSpeed checkpoints plus our state, `latest` after a barrier, exact resume;
-- `trainer`: the loop (`launch/train.py` runs it);
+- `flops`: FLOPs per sample and MFU;
+- `checkpoint`, `checkpoint_layout`: DeepSpeed checkpoints plus our state, `latest` after a barrier;
+- `trainer`: the loop (`launch/train.py` runs it); `faults`: fault injection for its tests;
 - `export_zero`: reading teacher/student weights back out of a checkpoint (`alice-ds convert`).
 """

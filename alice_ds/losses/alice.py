@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from alice_ds.dist import all_reduce_mean
 from alice_ds.losses.functional import centered_cross_entropy, masked_mse
+from alice_ds.models.swin import PATCH_SIZE
 
 STUDENT_TEMP = 0.1
 # Teacher temperatures of the Alice reference code (DESIGN §4.7): linear warmup 0.008 -> 0.01, for
@@ -33,9 +34,6 @@ WARMUP_TEACHER_TEMP_STEPS = 1000
 CENTER_MOMENTUM = 0.9
 LAMBDAS = (1.0, 1.0, 10.0)
 RECON_ON = ("masked", "all")
-MASK_BLOCK = 2
-"""Edge in voxels of one mask cell: the pair sampler's masks live on the backbone's patch grid
-(SwinUNETR patch size 2), DESIGN §4.3 and docs/interfaces.md."""
 
 
 def warmup_temp(step: int, start: float, end: float, steps: int) -> float:
@@ -57,10 +55,10 @@ class AliceLoss(nn.Module):
                  warmup_teacher_temp_steps: int = WARMUP_TEACHER_TEMP_STEPS,
                  center_momentum: float = CENTER_MOMENTUM,
                  lambdas: tuple[float, float, float] = LAMBDAS, recon_on: str = "masked",
-                 mask_block: int = MASK_BLOCK):
+                 mask_cell: int = PATCH_SIZE):
         super().__init__()
         for name, v in [("out_dim", out_dim), ("patch_out_dim", patch_out_dim),
-                        ("mask_block", mask_block)]:
+                        ("mask_cell", mask_cell)]:
             if int(v) != v or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name, v in [("student_temp", student_temp), ("teacher_temp", teacher_temp),
@@ -86,7 +84,7 @@ class AliceLoss(nn.Module):
         self.center_momentum = float(center_momentum)
         self.lambdas = tuple(float(x) for x in lambdas)
         self.recon_on = recon_on
-        self.mask_block = int(mask_block)
+        self.mask_cell = int(mask_cell)  # voxels per mask entry: masks live on the patch grid
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("center2", torch.zeros(1, patch_out_dim))
 
@@ -153,7 +151,7 @@ class AliceLoss(nn.Module):
         recon_terms = []
         for v in range(nv):
             m = masks[v] if self.recon_on == "masked" else None
-            recon_terms.append(masked_mse(recon[v], target[v].detach(), m, self.mask_block))
+            recon_terms.append(masked_mse(recon[v], target[v].detach(), m, self.mask_cell))
         loss_recon = torch.stack(recon_terms).mean()
 
         l1, l2, l3 = self.lambdas

@@ -18,9 +18,7 @@ from torch import nn
 
 from alice_ds.losses import AliceLoss
 from alice_ds.models import CASA, AliceHead, SwinBackbone
-
-VIEWS = ("query", "anchor")
-"""The two views of a pair sample (docs/interfaces.md "Pair sampler")."""
+from alice_ds.views import VIEWS
 
 LAST_LAYER_NAMES = ("last_layer", "patch_last_layer")
 """Head layers frozen for the first steps (`optim.freeze_last_layer_steps`)."""

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from monai.networks.blocks import MLPBlock, PatchEmbed, UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from monai.networks.layers import trunc_normal_
-from monai.networks.nets.swin_unetr import (PatchMerging, compute_mask, get_window_size,
-                                            window_partition, window_reverse)
+from monai.networks.nets.swin_unetr import PatchMerging, compute_mask, get_window_size, window_partition, window_reverse
 from torch import nn
 
 PATCH_SIZE = 2

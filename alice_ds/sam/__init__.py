@@ -1,8 +1,8 @@
 """SAM anatomical embeddings (DESIGN §5): network, self-supervised training, embedding files,
 coarse-to-fine matching, landmark evaluation.
 
-The public names are imported lazily, so that CLI parsers that import this package (for the
-defaults below) do not pull in torch.
+This package module holds only the constants its modules share: `network.SAMNet`, `matcher.Matcher`,
+`io.open_embedding` / `io.write_embedding` are imported from their modules.
 """
 
 DEFAULT_WINDOW = 20
@@ -12,29 +12,17 @@ two coarse voxels (32 mm at coarse stride 16), so a coarse argmax one coarse vox
 DEFAULT_CANDIDATES = 5
 """Coarse voxels whose fine windows the window search scores (the best coarse voxels, each at least
 two coarse voxels from the others): the match is the best (fine + coarse) / 2 over all of their
-windows. 1 is the reference's single coarse argmax. On the README's held-out phantoms (two learned
-models, 422 landmark matches) 5 candidates gave 34.2 and 28.6 mm median (29 and 34 % within 10 mm)
+windows. 1 is the reference's single coarse argmax. On the held-out phantoms of
+docs/experiments/2026-11-26-sam-coarse-half-tries.md (two learned models, 422 landmark matches) 5
+candidates gave 34.2 and 28.6 mm median (29 and 34 % within 10 mm)
 against 61.8 and 47.2 mm (20 and 26 %) with one; 10 gave 30.1 and 27.8 mm."""
 
-HU_WINDOW = (-1000.0, 1000.0)
+SAM_HU_WINDOW = (-1000.0, 1000.0)
 """Default SAMNet input window: HU clipped to it and mapped linearly to [-1, 1]. Wide, so air, fat,
 soft tissue and bone all stay distinguishable; a model can be trained on another (`sam-train
 --hu_window`, stored in its config): on the phantoms a soft-tissue window (-200, 300) made the fine
-half much better (README)."""
+half much better (docs/experiments/2026-11-26-sam-which-half-fails.md)."""
 
 SEARCH_MODES = ("window", "global", "coarse")
 """Matcher searches: fine window around the coarse argmax (DESIGN §5), every fine voxel, or the
 coarse argmax alone (a diagnostic: where the coarse half points)."""
-
-_LAZY = {"SAMNet": "alice_ds.sam.network", "Matcher": "alice_ds.sam.matcher",
-         "open_embedding": "alice_ds.sam.io", "write_embedding": "alice_ds.sam.io"}
-
-__all__ = ["DEFAULT_CANDIDATES", "DEFAULT_WINDOW", "HU_WINDOW", "SEARCH_MODES", *_LAZY]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'alice_ds.sam' has no attribute {name!r}")

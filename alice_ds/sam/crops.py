@@ -15,13 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alice_ds.data.cache import AIR_HU, BODY_HU, BODY_STRIDE, body_voxels
 from alice_ds.sam.geometry import index_to_world, normalized_grid, scaled_affine, world_to_index
 from alice_ds.sam.network import FINE_STRIDE, SAM_SPACING_MM
 
-PAD_HU = -1024.0
-"""Value outside the scanned volume (air)."""
-BODY_HU = -500.0
-"""Voxels above this are 'inside the body' when choosing crop centres and positive points."""
 SCALE_RANGE = (0.8, 1.2)
 """Independent zoom of each view: spacing 2 mm x scale (DESIGN §5)."""
 MAX_NOISE_HU = 40.0
@@ -35,8 +32,6 @@ INTENSITY_SHIFT_HU = 40.0
 MAX_SHIFT_FRACTION = 0.35
 """Centre of view 2 = centre of view 1 + up to this fraction of the view edge per axis: overlap stays
 at least 30% per axis."""
-BODY_SUBSAMPLE = 4
-"""Body voxels for crop centres are taken from every 4th voxel of the cache (cheap, once per case)."""
 
 
 def unit_axes(affine) -> np.ndarray:
@@ -66,7 +61,7 @@ def view_affine(case_affine, center_mm, size: int, spacing_mm: float) -> np.ndar
     return out
 
 
-def resample(array, case_affine, out_affine, out_shape, pad: float = PAD_HU) -> torch.Tensor:
+def resample(array, case_affine, out_affine, out_shape, pad: float = AIR_HU) -> torch.Tensor:
     """Trilinear resample of a cached HU array [X, Y, Z] onto the grid (out_affine, out_shape),
     reading only the slab it covers. -> float32 HU [X', Y', Z'], `pad` outside the volume."""
     out_shape = tuple(int(s) for s in out_shape)
@@ -138,20 +133,10 @@ class View:
         return scaled_affine(self.affine, [FINE_STRIDE] * 3)
 
 
-def body_voxels(array) -> np.ndarray:
-    """Voxel indices [N, 3] inside the body (HU > BODY_HU) on every BODY_SUBSAMPLE-th voxel of a
-    cached case; computed once per case, it is where crop centres are drawn from."""
-    sub = np.asarray(array[::BODY_SUBSAMPLE, ::BODY_SUBSAMPLE, ::BODY_SUBSAMPLE])
-    idx = np.argwhere(sub > BODY_HU)
-    if len(idx) == 0:  # no body (e.g. an all-air test volume): any voxel
-        idx = np.argwhere(np.ones_like(sub, dtype=bool))
-    return idx * BODY_SUBSAMPLE
-
-
 def body_points(body: np.ndarray, affine, rng: np.random.Generator, n: int) -> np.ndarray:
     """`n` random world points [n, 3] mm around the body voxels `body` (from body_voxels)."""
     pick = body[rng.integers(0, len(body), n)]
-    return index_to_world(affine, pick + rng.uniform(0, BODY_SUBSAMPLE, size=(n, 3)))
+    return index_to_world(affine, pick + rng.uniform(0, BODY_STRIDE, size=(n, 3)))
 
 
 def augmented_view(array, affine, center_mm, size: int, rng: np.random.Generator,

@@ -2,15 +2,32 @@
 
 A case is resampled once to the SAM grid (the model's spacing, 2 mm by default; reading the
 memory-mapped cache), then run through SAMNet in overlapping tiles of `--tile` voxels so activation
-memory is bounded whatever the volume size; each tile contributes only its interior (half the overlap is dropped at inner seams). Tiles
-start on multiples of the coarse stride, so fine and coarse grids of all tiles line up exactly.
+memory is bounded whatever the volume size; each tile contributes only its interior (half the
+overlap is dropped at inner seams). Tiles start on multiples of the coarse stride, so fine and
+coarse grids of all tiles line up exactly.
 Existing files made by the same model are skipped (idempotent); files are written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import multiprocessing as mp
+import os
 import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alice_ds.console import console, progress, table
+from alice_ds.data.cache import list_cases, open_case
+from alice_ds.errors import DataError, UserError
+from alice_ds.sam.crops import resample, sam_grid
+from alice_ds.sam.geometry import scaled_affine
+from alice_ds.sam.io import embedding_path, open_embedding, write_embedding
+from alice_ds.sam.network import COARSE_STRIDE, EMBED_DIM, FINE_STRIDE, scale_hu
+from alice_ds.sam.train import load_model
 
 DEFAULT_TILE = 224
 """Tile edge in SAM-grid voxels (448 mm at 2 mm): the cross-section of a CT fits in one tile, so
@@ -53,11 +70,8 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
 def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP):
     """SAM embeddings of a volume on the SAM grid, HU float [X, Y, Z] -> (fine fp16
     [ceil(X/2), ..., 128], coarse fp16 [ceil(X/16), ..., 128]), channel-last, tile by tile."""
-    import math
 
-    import torch
 
-    from alice_ds.sam.network import COARSE_STRIDE, EMBED_DIM, FINE_STRIDE, scale_hu
 
     shape = tuple(hu.shape)
     fine = torch.empty(*[math.ceil(s / FINE_STRIDE) for s in shape], EMBED_DIM, dtype=torch.float16)
@@ -89,11 +103,6 @@ def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVE
 
 def embed_case(model, model_id: str, cache_dir, case_id: str, embed_dir, tile: int, overlap: int):
     """Embed one cached case into `<embed_dir>/<case_id>.safetensors`."""
-    from alice_ds.data.cache import open_case
-    from alice_ds.sam.crops import resample, sam_grid
-    from alice_ds.sam.geometry import scaled_affine
-    from alice_ds.sam.io import embedding_path, write_embedding
-    from alice_ds.sam.network import COARSE_STRIDE, FINE_STRIDE
 
     case = open_case(cache_dir, case_id)
     affine, shape = sam_grid(case.affine, case.shape, model.spacing_mm)
@@ -105,8 +114,6 @@ def embed_case(model, model_id: str, cache_dir, case_id: str, embed_dir, tile: i
 
 
 def _up_to_date(embed_dir, case_id: str, model_id: str) -> bool:
-    from alice_ds.errors import DataError
-    from alice_ds.sam.io import embedding_path, open_embedding
 
     if not embedding_path(embed_dir, case_id).exists():
         return False
@@ -120,9 +127,7 @@ _WORKER: dict = {}
 
 
 def _worker_init(checkpoint: str, device: str, threads: int, job: dict) -> None:
-    import torch
 
-    from alice_ds.sam.train import load_model
 
     torch.set_num_threads(threads)
     _WORKER["model"], _WORKER["model_id"] = load_model(checkpoint, device)
@@ -138,17 +143,8 @@ def _worker_embed(case_id: str) -> tuple[str, float]:
 
 
 def run(args) -> int:
-    import multiprocessing as mp
-    import os
-    from pathlib import Path
 
-    import numpy as np
-    import torch
 
-    from alice_ds.console import console, progress, table
-    from alice_ds.data.cache import list_cases
-    from alice_ds.errors import UserError
-    from alice_ds.sam.train import load_model
 
     if args.tile % TILE_ALIGN or args.tile < TILE_ALIGN:
         raise UserError(f"--tile must be a positive multiple of {TILE_ALIGN}, got {args.tile}")

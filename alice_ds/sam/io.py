@@ -9,7 +9,6 @@ voxel -> world-mm affine of each grid (RAS), the strides in voxels of the 2 mm S
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +111,20 @@ class EmbeddingFile:
             raise DataError(self.path, f"cannot read the fine embedding window: {e}") from None
         return part.to(dtype)
 
+    def coverage_problem(self, affine, shape) -> str | None:
+        """Why this file cannot hold the embeddings of a volume with `affine` (4x4 voxel -> world mm)
+        and `shape`, or None when its fine grid covers every corner of that volume (within
+        COVERAGE_TOLERANCE fine voxels: grids are rounded to whole voxels)."""
+        corners = np.array(np.meshgrid(*[[0, s - 1] for s in shape], indexing="ij")).reshape(3, -1).T  # [8, 3]
+        world = corners @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]  # [8, 3] mm
+        inv = np.linalg.inv(self.fine_affine)
+        ijk = world @ inv[:3, :3].T + inv[:3, 3]
+        hi = np.asarray(self.fine_shape) - 1 + COVERAGE_TOLERANCE
+        if (ijk < -COVERAGE_TOLERANCE).any() or (ijk > hi).any():
+            return (f"embedding grid (fine shape {tuple(self.fine_shape)}) does not cover the cached volume "
+                    f"(shape {tuple(shape)}); stale or from another preprocessing")
+        return None
+
     def fine(self) -> torch.Tensor:
         """The whole fine grid as float32 [Xf, Yf, Zf, 128] (for tests and small volumes)."""
         return self.fine_window((0, 0, 0), self.fine_shape)
@@ -125,6 +138,9 @@ class EmbeddingFile:
             raise DataError(self.path, f"cannot read the coarse embedding: {e}") from None
 
 
+COVERAGE_TOLERANCE = 1.5
+"""How far (in fine-grid voxels) a corner of a volume may lie outside the embedding's fine grid before
+the embedding counts as belonging to another volume (`EmbeddingFile.coverage_problem`)."""
 SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4"}
 """safetensors dtype names -> NumPy dtypes (the format stores little-endian data)."""
 

@@ -8,8 +8,8 @@ of one volume that sit at the same world position.
   there, negatives = every coarse voxel of every view *of the same case* in the batch farther than
   COARSE_POSITIVE_MM from the point (several view pairs per case teach position across the whole
   body), plus, with `cross_case`, every coarse voxel of the other cases' views (the reference's
-  choice; on phantoms it teaches the coarse embedding to tell subjects apart, see README).
-"""
+  choice; on phantoms it teaches the coarse embedding to tell subjects apart, see
+  docs/experiments/2026-11-26-sam-coarse-half-tries.md)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from alice_ds.sam.crops import View, positive_pairs
-from alice_ds.sam.geometry import (index_to_world, sample_channels_first, scaled_affine,
-                                   world_to_index)
+from alice_ds.sam.geometry import index_to_world, sample_channels_first, scaled_affine, world_to_index
 from alice_ds.sam.network import COARSE_STRIDE
 
 TEMPERATURE = 0.5
@@ -32,8 +31,9 @@ FINE_EXCLUDE_MM = 8.0
 COARSE_POSITIVE_MM = 64.0
 """Coarse voxels within this distance are not negatives (the reference: 25 mm). With 64 mm (two
 coarse voxels at 32 mm) the coarse argmax alone lands 58-68 mm from held-out phantom landmarks
-instead of 94-99 mm, and the Matcher's median error is 47-62 mm instead of 89-95 mm (README
-protocol, --hu_window -200 300, seeds 0 and 1)."""
+instead of 94-99 mm, and the Matcher's median error is 47-62 mm instead of 89-95 mm
+(docs/experiments/2026-11-26-sam-coarse-half-tries.md protocol, --hu_window -200 300, seeds 0 and
+1)."""
 
 
 def _info_nce(pos: torch.Tensor, neg: torch.Tensor, temperature: float) -> torch.Tensor:

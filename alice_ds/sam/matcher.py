@@ -15,8 +15,9 @@ the match alone. `candidates=1` is the reference's single coarse argmax.
 `search="global"` scores (fine + coarse) / 2 at every fine voxel of the key case instead (the fine
 grid streamed from the memory map in slabs of GLOBAL_SLAB_PLANES), without trusting the coarse
 argmax. It is for evaluation and debugging, where a weak coarse embedding sends the window
-elsewhere: on the README's phantom protocol (6 held-out cases, 422 landmark matches) its model
-scores 83.8 mm median / 17.1 % within 10 mm with the window and 30.4 mm / 31.0 % globally. It
+elsewhere: on the phantom protocol of docs/experiments/2026-11-25-sam-heldout-landmarks.md (6
+held-out cases, 422 landmark matches) its model scores 83.8 mm median / 17.1 % within 10 mm with
+the window and 30.4 mm / 31.0 % globally. It
 reads the whole fine grid of the key case per call (1.8 s per case pair of ~200^3 voxels at 2 mm,
 one core, vs 0.06 s with the window), so the pair sampler keeps the window.
 
@@ -30,6 +31,7 @@ voxels: ~15k of them ≈ 1.3-1.8 ms); window 20 (`DEFAULT_WINDOW`) ≈ 44 ms on 
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from collections import OrderedDict
 
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alice_ds.args import positive_int
 from alice_ds.sam import DEFAULT_CANDIDATES, DEFAULT_WINDOW, SEARCH_MODES
 from alice_ds.sam.geometry import index_to_world, normalized_grid, sample_channels_last, world_to_index
 from alice_ds.sam.io import EmbeddingFile, open_embedding
@@ -198,7 +201,7 @@ class Matcher:
         """Argmax of (cos_fine + cos_coarse) / 2 over every fine voxel of the key case, slab by
         slab of x-planes. Here cos_coarse is the cosine with the key's coarse embedding interpolated
         trilinearly to the fine voxel and re-normalised (the window search interpolates the
-        similarity map instead, which is cheaper per query; with a model trained by the README
+        similarity map instead, which is cheaper per query; with a model trained by the held-out
         protocol at HU window -200..300 the global argmax lands within 10 mm for 40.3 % of the
         landmarks this way and for 29.4 % with the interpolated similarity map).
         kcoarse [Xc, Yc, Zc, C]: the key's coarse grid; qf, qc [P, C]: query embeddings."""
@@ -252,3 +255,22 @@ def _as_tensor(mapped: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(mapped)
+
+
+def add_matcher_arguments(p: argparse.ArgumentParser, window_default: int | None = DEFAULT_WINDOW) -> None:
+    """`--window`, `--candidates`, `--search`: the flags that build a `Matcher` (`matcher_from_args`)."""
+    p.add_argument("--window", type=positive_int, default=window_default,
+                   help="fine-search window edge in fine voxels around each coarse candidate")
+    p.add_argument("--candidates", type=positive_int, default=DEFAULT_CANDIDATES,
+                   help="window search: fine windows around this many best coarse voxels (kept at least "
+                        "two coarse voxels apart); the best (fine + coarse) / 2 among them wins; 1 = the "
+                        "coarse argmax alone, as the reference")
+    p.add_argument("--search", choices=SEARCH_MODES, default="window",
+                   help="'window': fine search around the best coarse voxels (as the pair sampler "
+                        "matches); 'global': (fine + coarse) / 2 at every fine voxel of the key case "
+                        "(slower; independent of the coarse argmax); 'coarse': the coarse argmax alone "
+                        "(where the coarse half points)")
+
+
+def matcher_from_args(embed_dir, args: argparse.Namespace) -> Matcher:
+    return Matcher(embed_dir, window=args.window, search=args.search, candidates=args.candidates)

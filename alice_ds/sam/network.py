@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alice_ds.sam import HU_WINDOW
+from alice_ds.sam import SAM_HU_WINDOW
 
 EMBED_DIM = 128
 FINE_STRIDE = 2
@@ -29,7 +29,7 @@ BASE_WIDTHS = (64, 128, 256, 512)
 MIN_CHANNELS = 8
 
 
-def scale_hu(hu: torch.Tensor, window=HU_WINDOW) -> torch.Tensor:
+def scale_hu(hu: torch.Tensor, window=SAM_HU_WINDOW) -> torch.Tensor:
     """HU -> network input in [-1, 1]: clipped to `window` (lo, hi), then linear."""
     lo, hi = window
     return (hu.float().clamp(lo, hi) - lo) / (hi - lo) * 2 - 1
@@ -74,7 +74,7 @@ class SAMNet(nn.Module):
     STAGE_STRIDES = (1, 2, 2, 2)
     BLOCKS_PER_STAGE = 2
 
-    def __init__(self, width: float = 1.0, spacing_mm: float = SAM_SPACING_MM, hu_window=HU_WINDOW):
+    def __init__(self, width: float = 1.0, spacing_mm: float = SAM_SPACING_MM, hu_window=SAM_HU_WINDOW):
         super().__init__()
         if width <= 0:
             raise ValueError(f"width must be > 0, got {width}")

@@ -20,13 +20,27 @@ O/log.jsonl                                one JSON line per step (loss, fine, c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import time
 from pathlib import Path
 
-from alice_ds.sam import HU_WINDOW
-from alice_ds.files import atomic_path, atomic_write_text
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-SAM_SPACING_MM = 2.0
+from alice_ds.console import console, progress
+from alice_ds.data.cache import body_voxels, list_cases, open_case
+from alice_ds.data.datalist import split_case_ids
+from alice_ds.errors import DataError, UserError
+from alice_ds.files import atomic_path, atomic_write_text
+from alice_ds.sam import SAM_HU_WINDOW
+from alice_ds.sam.crops import view_pair
+from alice_ds.sam.loss import sam_loss
+from alice_ds.sam.network import COARSE_STRIDE, SAM_SPACING_MM, SAMNet, scale_hu
+
 DEFAULT_STEPS = 2000
 DEFAULT_BATCH = 2
 DEFAULT_PAIRS_PER_CASE = 1
@@ -53,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "coarse voxels of a case's other views are its coarse negatives")
     p.add_argument("--cross_case_negatives", action="store_true",
                    help="also use every coarse voxel of the other cases of the batch as coarse "
-                        "negatives (as the reference SAM; measured worse on phantoms, see README)")
+                        "negatives (as the reference SAM; measured worse on phantoms, see docs/experiments/)")
     p.add_argument("--intensity_aug", action="store_true",
                    help="random linear HU transform per view (crops.INTENSITY_SCALE, INTENSITY_SHIFT_HU)")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="InfoNCE temperature")
@@ -63,10 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="channel multiplier of SAMNet (1.0 = ResNet-18 widths)")
     p.add_argument("--spacing", type=float, default=SAM_SPACING_MM,
                    help="isotropic grid of the network in mm (SAM: 2); embed uses the same")
-    p.add_argument("--hu_window", type=float, nargs=2, default=HU_WINDOW, metavar=("LO", "HI"),
+    p.add_argument("--hu_window", type=float, nargs=2, default=SAM_HU_WINDOW, metavar=("LO", "HI"),
                    help="HU clipped to [LO, HI] (default -1000 1000) and scaled to [-1, 1] as the "
                         "network input; stored with the model, embed uses the same (phantoms: -200 300 "
-                        "beat the wide default, see README)")
+                        "beat the wide default, see docs/experiments/)")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate (cosine decay)")
     p.add_argument("--save_every", type=int, default=DEFAULT_SAVE_EVERY,
                    help="checkpoint every N steps (and at the end)")
@@ -85,25 +99,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def training_cases(cache_dir, json_list) -> list[str]:
     """Case ids to train on: all cached cases, or those of the datalist's training split."""
-    from alice_ds.data import case_id_from_path
-    from alice_ds.data.cache import list_cases
-    from alice_ds.errors import DataError, UserError
-
     cached = list_cases(cache_dir)
-    if json_list is None:
-        chosen = cached
-    else:
-        try:
-            entries = json.loads(Path(json_list).read_text())["training"]
-            chosen = [case_id_from_path(e["image"]) for e in entries]
-        except FileNotFoundError:
-            raise DataError(json_list, "datalist not found") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(json_list, f"not a decathlon datalist with a 'training' list ({e})") from None
-        missing = sorted(set(chosen) - set(cached))
-        if missing:
-            raise DataError(cache_dir, f"{len(missing)} training case(s) of {json_list} are not "
-                                       f"cached, e.g. {missing[0]!r} (run alice-ds preprocess)")
+    chosen = cached if json_list is None else split_case_ids(json_list, "training")
+    missing = sorted(set(chosen) - set(cached))
+    if missing:
+        raise DataError(cache_dir, f"{len(missing)} training case(s) of {json_list} are not "
+                                   f"cached, e.g. {missing[0]!r} (run alice-ds preprocess)")
     if not chosen:
         raise UserError(f"{cache_dir}: no cached cases to train on")
     return chosen
@@ -112,9 +113,7 @@ def training_cases(cache_dir, json_list) -> list[str]:
 def save_model(model, path: Path, step: int) -> str:
     """Weights + JSON sidecar (same stem). Returns the model id (config + content hash), which
     `embed` writes into every embedding file so stale embeddings are recognisable."""
-    import hashlib
 
-    from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     digest = hashlib.sha256()
@@ -132,10 +131,7 @@ def save_model(model, path: Path, step: int) -> str:
 def load_model(path, device="cpu"):
     """SAMNet from `<name>.safetensors` + `<name>.json` (as written by save_model), in eval mode.
     -> (model, model_id)."""
-    from safetensors.torch import load_file
 
-    from alice_ds.errors import DataError
-    from alice_ds.sam.network import SAMNet
 
     path = Path(path)
     sidecar = path.with_suffix(".json")
@@ -156,8 +152,6 @@ def load_model(path, device="cpu"):
 def _save_optimizer(opt, path: Path) -> None:
     """AdamW state without pickle: tensors named `<param index>.<key>` (exp_avg, exp_avg_sq, step),
     param groups as JSON metadata."""
-    import torch
-    from safetensors.torch import save_file
 
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": (v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v))
@@ -166,7 +160,6 @@ def _save_optimizer(opt, path: Path) -> None:
 
 
 def _load_optimizer(opt, path: Path) -> None:
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         groups = json.loads(f.metadata()["param_groups"])
@@ -197,7 +190,7 @@ class StepViews:
     opened (memory-mapped) on first use, so every worker process opens its own."""
 
     def __init__(self, cache_dir, case_ids: list[str], roi: int, spacing: float, batch_size: int,
-                 pairs_per_case: int, intensity: bool, seed: int, steps: int, hu_window=HU_WINDOW):
+                 pairs_per_case: int, intensity: bool, seed: int, steps: int, hu_window=SAM_HU_WINDOW):
         self.cache_dir, self.case_ids, self.hu_window = cache_dir, list(case_ids), tuple(hu_window)
         self.roi, self.spacing, self.intensity = roi, spacing, intensity
         self.batch_size, self.pairs_per_case, self.seed, self.steps = batch_size, pairs_per_case, seed, steps
@@ -207,12 +200,7 @@ class StepViews:
         return self.steps
 
     def __getitem__(self, step: int):
-        import numpy as np
-        import torch
 
-        from alice_ds.data.cache import open_case
-        from alice_ds.sam.crops import body_voxels, view_pair
-        from alice_ds.sam.network import scale_hu
 
         if self._cases is None:
             opened = [open_case(self.cache_dir, c) for c in self.case_ids]
@@ -231,17 +219,8 @@ def _identity(batch):
 
 
 def run(args) -> int:
-    import math
-    import time
 
-    import numpy as np
-    import torch
-    from safetensors.torch import load_file
 
-    from alice_ds.console import console, progress
-    from alice_ds.errors import DataError, UserError
-    from alice_ds.sam.loss import sam_loss
-    from alice_ds.sam.network import COARSE_STRIDE, SAMNet
 
     if args.roi % COARSE_STRIDE or args.roi < 2 * COARSE_STRIDE:
         raise UserError(f"--roi must be a multiple of {COARSE_STRIDE} and >= {2 * COARSE_STRIDE}, got {args.roi}")
@@ -276,7 +255,7 @@ def run(args) -> int:
             raise DataError(latest, "no checkpoint to resume from")
         d = out / "checkpoints" / latest.read_text().strip()
         state = json.loads((d / "state.json").read_text())
-        saved = {"hu_window": list(HU_WINDOW), **state["settings"]}  # older checkpoints: the default
+        saved = {"hu_window": list(SAM_HU_WINDOW), **state["settings"]}  # older checkpoints: the default
         for name, value in (("width", args.width), ("spacing", args.spacing), ("roi", args.roi),
                             ("hu_window", hu_window)):
             if saved[name] != value:

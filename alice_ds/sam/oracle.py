@@ -12,7 +12,7 @@ and ablations. Files follow docs/interfaces.md (written with `alice_ds.sam.io.wr
 For phantoms the canonical frame can also be the generator's exact atlas frame
 (`write_atlas_oracle_embedding`): anatomical correspondence without the affine fit's residual, but
 still blind to each case's own organ shifts and sizes, so neither oracle is an upper bound for a learned
-embedding that recognises the organs (README, "SAM anatomical embeddings").
+embedding that recognises the organs (docs/experiments/2026-11-26-sam-exact-anatomy-ceiling.md).
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from alice_ds.sam.geometry import scaled_affine
 from alice_ds.sam import network
+from alice_ds.sam.geometry import scaled_affine
 from alice_ds.sam.io import EMBED_DIM, write_embedding
+from alice_ds.sam.network import SAM_SPACING_MM
 
-SAM_SPACING_MM = 2.0
-"""Spacing of the SAM grid the strides refer to (DESIGN §5)."""
 FINE_STRIDE = (network.FINE_STRIDE,) * 3
 COARSE_STRIDE = (network.COARSE_STRIDE,) * 3
 """The learned SAMNet's strides in 2 mm voxels (fine 4 mm, coarse 32 mm), so that matching costs what

@@ -8,7 +8,7 @@ candidate reaches the threshold, a new partner and new candidates are tried, up 
 times; then the sample falls back to *intra*: two augmentations of one crop of A (counted).
 `embed_dir=None` makes every sample intra (ablations, smoke tests of the engine).
 
-Augmentation runs where `PairConfig.augment_on` says: in the worker (each view augmented on the CPU,
+Augmentation runs where `SamplerConfig.augment_on` says: in the worker (each view augmented on the CPU,
 ~28 ms of one core per 96^3 view) or on the training device: the worker draws the same parameters
 from the same generator and ships them with the un-augmented crops; the trainer calls
 `apply_device_augment(batch)` once the batch is on its device (one batched `grid_sample`).
@@ -28,159 +28,28 @@ epoch), so every rank runs the same number of steps.
 
 from __future__ import annotations
 
-import ctypes
 import zlib
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from alice_ds import dist
 from alice_ds.console import progress, warn
-from alice_ds.data.augment import PARAM_KEYS, ViewAugment, augment_batch
-from alice_ds.data.cache import AIR_HU, hu_window, list_cases, open_case
-from alice_ds.data.masks import block_mask
+from alice_ds.data.cache import body_voxels, hu_window, list_cases, open_case
 from alice_ds.errors import DataError, UserError
-from alice_ds.sam import DEFAULT_CANDIDATES
 from alice_ds.sam.io import open_embedding
 from alice_ds.sam.matcher import Matcher
+from alice_ds.sampler.augment import ViewAugment
+from alice_ds.sampler.config import SamplerConfig
+from alice_ds.sampler.loader import tune_worker_allocator
+from alice_ds.sampler.masks import block_mask
+from alice_ds.views import VIEWS
 
-COVERAGE_TOLERANCE = 1.5
-"""How far (in fine-grid voxels) a corner of the cached volume may lie outside the embedding's fine
-grid before the embedding counts as belonging to another volume (grids are rounded to whole voxels)."""
 OPEN_CASES = 64
 """Cached volumes kept open (memory maps) per process; a map holds a file descriptor."""
-WORKER_MMAP_THRESHOLD = 256 * 2**20
-"""Bytes: in a worker, glibc serves allocations below this from the heap and keeps freed memory
-(see `tune_worker_allocator`)."""
-AUGMENT_ON = ("worker", "device")
-"""Where the view augmentation runs (`PairConfig.augment_on`)."""
-VIEWS = ("query", "anchor")
-"""The two views of a sample (keys of their crops; prefixes of their masks, centres and parameters)."""
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter ids (malloc.h)
-_allocator_tuned = False
-
-
-@dataclass
-class PairConfig:
-    """Knobs of the pair sampler. Sizes are in voxels of the cache grid unless stated."""
-
-    roi: int = 96
-    """Edge of each cubic view; a multiple of 32 (SwinUNETR's deepest stride)."""
-    hu_window: tuple[float, float] = (-125.0, 225.0)
-    """HU mapped to 0 and 1 (clipped); the reference code's abdominal window."""
-    body_hu: float = -500.0
-    """Voxels above this HU are body; query points are drawn among them."""
-    pad_hu: float = AIR_HU
-    """HU of the padding outside a volume (air)."""
-    patch_size: int = 2
-    """Backbone patch edge: the masks live on the [roi / patch_size]^3 token grid."""
-    mask_ratio: float = 0.75
-    """Exact fraction of masked tokens per view."""
-    mask_block: int = 16
-    """Edge of a mask block in voxels (a multiple of `patch_size`)."""
-    num_candidates: int = 32
-    """Query points of case A scored together in one matcher call (K)."""
-    score_threshold: float = 0.7
-    """Minimum match score, (cos_fine + cos_coarse) / 2, for an inter pair (paper code: 0.7)."""
-    match_window: int = 8
-    """Edge of the matcher's fine-search window in fine voxels (4 mm each): 32 mm. The matcher's
-    own default (`alice_ds.sam.DEFAULT_WINDOW`) is wider, for landmark accuracy; here the window's
-    volume is what each K-candidate call costs. On the benchmark phantoms (oracle embeddings,
-    4 x 3 case pairs x 32 body points) windows 8 and 20 find the full-volume argmax equally often
-    (87% vs 88%), with the same fraction of candidates >= 0.7 and a mean score 0.006 vs 0.002 below
-    the full search, at 7 vs 44 CPU-ms per call (window 6: 84%, 6 ms)."""
-    match_candidates: int = DEFAULT_CANDIDATES
-    """Coarse voxels whose fine windows the matcher searches (`Matcher(candidates=...)`; 1 = the
-    coarse argmax alone, as the reference). More candidates cost fine windows: see the sampler
-    benchmark in the README."""
-    max_retries: int = 3
-    """Extra matcher calls (new partner, new candidates) before falling back to an intra pair."""
-    rotation: float = 15.0
-    """Maximum rotation about each axis in degrees (0 disables)."""
-    rotation_prob: float = 1.0
-    """Probability that a view is rotated."""
-    noise_std: float = 0.1
-    """Standard deviation of the Gaussian noise on the [0, 1] scale (0 disables)."""
-    intensity_scale: float = 0.0
-    """Random intensity scale `v * (1 + f)`, f ~ U(±intensity_scale) (0 disables)."""
-    intensity_shift: float = 0.0
-    """Random intensity shift `v + o`, o ~ U(±intensity_shift) on the [0, 1] scale (0 disables)."""
-    augment_on: str = "worker"
-    """Where rotation, noise and intensity are applied. "worker": in the DataLoader worker, the
-    sample's views are augmented (~28 ms of one core per 96^3 view, ~15 pairs per CPU-s).
-    "device": the worker only draws the parameters (same generator, same order, so masks and every
-    other draw are unchanged) and the sample carries the un-augmented crops plus `<view>_aug_*`
-    tensors; the trainer must call `apply_device_augment(batch)` after moving the batch to its
-    device. Same views as "worker" on the CPU; on CUDA other noise values (see `augment_batch`)."""
-    body_stride: int = 4
-    """Step of the coarse grid on which a case's body points are listed (read once per worker)."""
-    body_points: int = 4096
-    """At most this many body points kept per case (a fixed subset), bounding worker memory."""
-    samples_per_case: int = 1
-    """Samples per query case per epoch."""
-    max_bad_fraction: float = 0.1
-    """Cases without a usable cache entry or embedding are skipped; above this fraction, an error."""
-
-    def __post_init__(self):
-        self.hu_window = tuple(float(v) for v in self.hu_window)
-        checks = [
-            (self.roi > 0 and self.roi % 32 == 0, f"roi must be a positive multiple of 32, got {self.roi}"),
-            (len(self.hu_window) == 2 and self.hu_window[1] > self.hu_window[0],
-             f"hu_window must be (lo, hi) with hi > lo, got {self.hu_window}"),
-            (self.patch_size > 0 and self.roi % self.patch_size == 0,
-             f"patch_size must divide roi={self.roi}, got {self.patch_size}"),
-            (0.0 <= self.mask_ratio <= 1.0, f"mask_ratio must be in [0, 1], got {self.mask_ratio}"),
-            (self.mask_block > 0 and self.mask_block % self.patch_size == 0,
-             f"mask_block must be a positive multiple of patch_size={self.patch_size}, got {self.mask_block}"),
-            (self.num_candidates >= 1, f"num_candidates must be >= 1, got {self.num_candidates}"),
-            (-1.0 <= self.score_threshold <= 1.0,
-             f"score_threshold must be in [-1, 1] (a cosine similarity), got {self.score_threshold}"),
-            (self.match_window >= 1, f"match_window must be >= 1 fine voxel, got {self.match_window}"),
-            (self.match_candidates >= 1, f"match_candidates must be >= 1, got {self.match_candidates}"),
-            (self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries}"),
-            (0.0 <= self.rotation <= 180.0, f"rotation must be in [0, 180] degrees, got {self.rotation}"),
-            (0.0 <= self.rotation_prob <= 1.0, f"rotation_prob must be in [0, 1], got {self.rotation_prob}"),
-            (self.noise_std >= 0.0, f"noise_std must be >= 0, got {self.noise_std}"),
-            (0.0 <= self.intensity_scale < 1.0, f"intensity_scale must be in [0, 1), got {self.intensity_scale}"),
-            (self.intensity_shift >= 0.0, f"intensity_shift must be >= 0, got {self.intensity_shift}"),
-            (self.augment_on in AUGMENT_ON, f"augment_on must be one of {AUGMENT_ON}, got {self.augment_on!r}"),
-            (self.body_stride >= 1, f"body_stride must be >= 1, got {self.body_stride}"),
-            (self.body_points >= 1, f"body_points must be >= 1, got {self.body_points}"),
-            (self.samples_per_case >= 1, f"samples_per_case must be >= 1, got {self.samples_per_case}"),
-            (0.0 <= self.max_bad_fraction <= 1.0,
-             f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        """Token grid of one view (where the masks live)."""
-        g = self.roi // self.patch_size
-        return (g, g, g)
-
-
-def _check_embedding(embed_dir, case) -> str | None:
-    """Why the case's embedding file cannot be used with its cached volume, or None when it can."""
-    try:
-        ef = open_embedding(embed_dir, case.case_id)
-    except DataError as e:
-        return e.problem
-    if ef.case_id != case.case_id:
-        return f"embedding file belongs to case {ef.case_id!r}"
-    corners = np.array(np.meshgrid(*[[0, s - 1] for s in case.shape], indexing="ij")).reshape(3, -1).T
-    world = case.voxel_to_world(corners)  # [8, 3] mm
-    inv = np.linalg.inv(ef.fine_affine)
-    ijk = world @ inv[:3, :3].T + inv[:3, 3]
-    hi = np.asarray(ef.fine_shape) - 1 + COVERAGE_TOLERANCE
-    if (ijk < -COVERAGE_TOLERANCE).any() or (ijk > hi).any():
-        return (f"embedding grid (fine shape {tuple(ef.fine_shape)}) does not cover the cached volume "
-                f"(shape {case.shape}); stale or from another preprocessing")
-    return None
 
 
 class PairDataset(IterableDataset):
@@ -193,7 +62,7 @@ class PairDataset(IterableDataset):
     made for the sample, 0 without embeddings); `index` int (position in the rank's stream).
 
     With `config.augment_on="device"`, `query`/`anchor` are the un-augmented crops and each view's
-    drawn augmentation comes along (`alice_ds.data.augment.AugmentParams`): `<view>_aug_rot`
+    drawn augmentation comes along (`alice_ds.sampler.augment.AugmentParams`): `<view>_aug_rot`
     float64 [3, 3] (identity = not rotated), `<view>_aug_noise_seed` int64, `<view>_aug_noise_std`,
     `<view>_aug_scale`, `<view>_aug_shift` float64 (0 = off), for view in query, anchor;
     `apply_device_augment` turns a collated batch of these into augmented views.
@@ -205,12 +74,12 @@ class PairDataset(IterableDataset):
     lazily in each worker).
     """
 
-    def __init__(self, cache_dir, embed_dir=None, config: PairConfig | None = None, seed: int = 0,
+    def __init__(self, cache_dir, embed_dir=None, config: SamplerConfig | None = None, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, cases: list[str] | None = None,
                  epochs: int | None = None, matcher=None):
         self.cache_dir = cache_dir
         self.embed_dir = embed_dir
-        self.config = config or PairConfig()
+        self.config = config or SamplerConfig()
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.seed = int(seed)
@@ -252,7 +121,7 @@ class PairDataset(IterableDataset):
                 except DataError as e:
                     self.skipped[cid] = str(e)
                     continue
-                problem = None if self.embed_dir is None else _check_embedding(self.embed_dir, case)
+                problem = None if self.embed_dir is None else _embedding_problem(self.embed_dir, case)
                 if problem is None:
                     valid.append(cid)
                 else:
@@ -297,11 +166,7 @@ class PairDataset(IterableDataset):
         and every resume sees the same list."""
         cells = self._body.get(case.case_id)
         if cells is None:
-            s = self.config.body_stride
-            sub = np.asarray(case.array[::s, ::s, ::s])  # the only full read of the volume
-            ijk = np.argwhere(sub > self.config.body_hu) * s  # [M, 3] voxel indices
-            if len(ijk) == 0:  # no body: fall back to the volume centre
-                ijk = (np.asarray(case.shape)[None] // 2).astype(np.int64)
+            ijk = body_voxels(case.array, self.config.body_stride, self.config.body_hu)  # [M, 3]
             if len(ijk) > self.config.body_points:
                 pick = np.random.default_rng(zlib.crc32(case.case_id.encode())).choice(
                     len(ijk), self.config.body_points, replace=False)
@@ -396,7 +261,8 @@ class PairDataset(IterableDataset):
         return torch.from_numpy(hu_window(crop, lo, hi))[None]  # [R, R, R] -> [1, R, R, R]
 
     def _augmented(self, crop: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, dict | None]:
-        """(view, None) augmented here, or (crop, drawn parameters) for `augment_on="device"`."""
+        """(view, None) augmented here, or (crop, drawn parameters) for `augment_on="device"` (`auto`
+        augments here: only a trainer can apply parameters on its device)."""
         if self.config.augment_on == "device":
             return crop, self.augment.draw(rng)
         return self.augment(crop, rng), None
@@ -412,7 +278,7 @@ class PairDataset(IterableDataset):
     def _pack(self, query, anchor, q_center, a_center, case_a, case_b, score, kind, tries, rng, index) -> dict:
         """query, anchor: (view, parameters or None) from `_augmented`."""
         c = self.config
-        block = c.mask_block // c.patch_size  # mask block edge in tokens
+        block = c.mask_block_tokens
         params = {f"{v}_aug_{k}": t for v, (_, p) in zip(VIEWS, (query, anchor)) if p is not None
                   for k, t in p.items()}
         return {
@@ -507,79 +373,17 @@ class PairDataset(IterableDataset):
         self._next = epoch * self.samples_per_epoch + position
 
 
-def tune_worker_allocator() -> bool:
-    """Make glibc keep freed memory of this process (once; False where there is no glibc).
-
-    A sample allocates a few 1.7-10 MB arrays (crops, float views, rotation grids). By default glibc
-    maps each of them fresh (`mmap`) and unmaps it on free, so every sample pays ~1000 page faults
-    per array; served from a heap that is not trimmed, they reuse pages already mapped. Measured
-    on the benchmark phantoms, one core: 81 -> 95 pairs/CPU-s without augmentation. `PairDataset`
-    calls this in each DataLoader worker; the worker's heap then stays at its peak (tens of MB)."""
-    global _allocator_tuned
-    if not _allocator_tuned:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            ok = (libc.mallopt(_M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD) == 1
-                  and libc.mallopt(_M_TRIM_THRESHOLD, 2 * WORKER_MMAP_THRESHOLD) == 1)
-        except (OSError, AttributeError):
-            ok = False
-        _allocator_tuned = ok
-    return _allocator_tuned
-
-
-def apply_device_augment(batch: dict) -> dict:
-    """A collated batch of `augment_on="device"` samples, already on the training device -> the
-    same dict with `query`/`anchor` augmented there (`augment_batch`: one batched grid_sample, noise
-    from per-view device generators) and the `<view>_aug_*` keys removed. The one call the trainer
-    makes between moving the batch and the forward, before any cast of the batch to a lower
-    precision (`rot` is float64; a bf16 rotation matrix moves edge voxels by ~0.1 voxel at 96^3); an
-    error when the keys are absent (a sampler with `augment_on="worker"` already augmented its
-    views)."""
-    out = dict(batch)
-    for v in VIEWS:
-        keys = [f"{v}_aug_{k}" for k in PARAM_KEYS]
-        missing = [k for k in keys if k not in out]
-        if missing:
-            raise ValueError(f"apply_device_augment: batch lacks {missing}; it needs a PairDataset with "
-                             f"augment_on='device' (keys present: {sorted(batch)})")
-        params = {k: out.pop(f"{v}_aug_{k}") for k in PARAM_KEYS}
-        out[v] = augment_batch(out[v], params)
-    return out
-
-
 def _snap(case, point_mm) -> np.ndarray:
     """World mm of the voxel nearest to `point_mm` (where `crop` centres), float64 [3]."""
     return case.voxel_to_world(np.rint(case.world_to_voxel(point_mm)))[0]
 
 
-class PairLoader:
-    """A DataLoader over a `PairDataset` that keeps the dataset's position and counters current in
-    the main process (workers hold copies), so `state_dict()` after any batch resumes exactly and
-    `stats()` covers what was consumed. Each worker makes whole batches of consecutive samples, so
-    batches arrive in stream order for any `num_workers`. Re-iterating continues from the position."""
-
-    def __init__(self, dataset: PairDataset, batch_size: int, num_workers: int = 0, **loader_kwargs):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.dataset = dataset
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.loader_kwargs = loader_kwargs
-        dataset.batch_block = self.batch_size
-
-    def __iter__(self):
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                            **self.loader_kwargs)
-        for batch in loader:
-            if self.num_workers > 0:
-                self.dataset.consumed(batch)
-            yield batch
-
-    def stats(self) -> dict:
-        return self.dataset.stats()
-
-    def state_dict(self) -> dict:
-        return self.dataset.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.dataset.load_state_dict(state)
+def _embedding_problem(embed_dir, case) -> str | None:
+    """Why the case's embedding file cannot be used with its cached volume, or None when it can."""
+    try:
+        ef = open_embedding(embed_dir, case.case_id)
+    except DataError as e:
+        return e.problem
+    if ef.case_id != case.case_id:
+        return f"embedding file belongs to case {ef.case_id!r}"
+    return ef.coverage_problem(case.affine, case.shape)

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from monai.transforms import RandRotate, RandScaleIntensity, RandShiftIntensity
 from monai.transforms.utils import create_rotate
 
+from alice_ds.views import VIEWS
+
 SEED_LIMIT = 2**31
 """Exclusive bound of the seeds handed to MONAI (`np.random.RandomState` takes < 2**32)."""
 PARAM_KEYS = ("rot", "noise_seed", "noise_std", "scale", "shift")
@@ -199,3 +201,23 @@ def augment_batch(views: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     out = out * (1 + params["scale"].to(dev, torch.float64)).float().view(shape)  # f = 0: exact identity
     out = out + params["shift"].to(dev, torch.float64).float().view(shape)
     return out.clamp_(0.0, 1.0)
+
+
+def apply_device_augment(batch: dict) -> dict:
+    """A collated batch of `augment_on="device"` samples, already on the training device -> the
+    same dict with `query`/`anchor` augmented there (`augment_batch`: one batched grid_sample, noise
+    from per-view device generators) and the `<view>_aug_*` keys removed. The one call the trainer
+    makes between moving the batch and the forward, before any cast of the batch to a lower
+    precision (`rot` is float64; a bf16 rotation matrix moves edge voxels by ~0.1 voxel at 96^3); an
+    error when the keys are absent (a sampler with `augment_on="worker"` already augmented its
+    views)."""
+    out = dict(batch)
+    for v in VIEWS:
+        keys = [f"{v}_aug_{k}" for k in PARAM_KEYS]
+        missing = [k for k in keys if k not in out]
+        if missing:
+            raise ValueError(f"apply_device_augment: batch lacks {missing}; it needs a PairDataset with "
+                             f"augment_on='device' (keys present: {sorted(batch)})")
+        params = {k: out.pop(f"{v}_aug_{k}") for k in PARAM_KEYS}
+        out[v] = augment_batch(out[v], params)
+    return out
