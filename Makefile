@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install test demo clean
+.PHONY: install test test-fast lint demo clean
 
 # torch==2.13.0 first: a bare `torch` requirement with no torch installed pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml setup.cfg
@@ -18,6 +18,12 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)  # everything but the DeepSpeed launches and SAM training (tests marked slow)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash launch/demo.sh

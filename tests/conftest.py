@@ -9,8 +9,19 @@ os.environ.setdefault("ALICE_DS_PROGRESS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# ---- Data fixtures (alice_ds.data: phantom -> datalist -> cache), shared by every module's tests ----
 import pytest  # noqa: E402
+
+SLOW_FIXTURES = {"ds_run", "ds_launch", "sam_checkpoint", "sam_embed_dir"}
+"""A test that uses one of these starts DeepSpeed jobs or trains a SAM: marked `slow` automatically."""
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+# ---- Data fixtures (alice_ds.data: phantom -> datalist -> cache), shared by every module's tests ----
 
 PHANTOM_CASES = 4
 PHANTOM_CACHE_SPACING = (3.0, 3.0, 3.0)
@@ -88,7 +99,8 @@ def sam_embed_dir(phantom_cache, sam_checkpoint, tmp_path_factory):
 ENGINE_YAML = """\
 model: {preset: tiny, out_dim: 256, patch_out_dim: 256, head_hidden_dim: 512, head_bottleneck_dim: 128,
         casa_heads: 4, casa_ffn_dim: 512}
-data: {roi: 64, num_workers: 0}
+data: {num_workers: 0}
+sampler: {roi: 64}
 run: {batch_size: 1, save_every: 1, keep_last: 0}
 optim: {lr: 0.2, min_lr: 1.0e-6, warmup_steps: 0, freeze_last_layer_steps: 1, momentum_start: 0.9}
 loss: {warmup_teacher_temp_steps: 5}
@@ -107,11 +119,17 @@ ENGINE_RUNS = {
 applies the view augmentation in the trainer (`--augment_on device`; the others resolve `auto` to
 `worker` on the CPU); both use the bf16 autocast configs as shipped, plus sanity checks. ZeRO-1
 trains on two 'nodes' and is the reference of the exact-resume test (fp32: losses equal to 1e-5).
-Every update must happen (the tests assert it). Until the trainer routed them through `alice_ds.engine.cpu_bf16`, the bf16 runs
-skipped updates: on the CPU, oneDNN's bf16 Conv3d weight gradient is garbage (finite entries of
-1e29-1e34, or inf/NaN) when the input depth is 2..kernel-1, i.e. `encoder10` at roi 64 (2^3 grid),
-DeepSpeed's fp32 sum of squares of the gradient norm overflowed and the update was skipped; those
-convolutions now run in fp32 (ds_configs/README.md, benchmarks/cpu_bf16_conv3d.py)."""
+Every update must happen (the tests assert it): on the CPU, oneDNN's bf16 Conv3d weight gradient is
+garbage (finite entries of 1e29-1e34, or inf/NaN) when the input depth is 2..kernel-1, i.e.
+`encoder10` at roi 64 (2^3 grid), which overflows DeepSpeed's fp32 gradient norm and skips the
+update, unless the trainer runs those convolutions in fp32 (`alice_ds.engine.cpu_bf16`,
+ds_configs/README.md, benchmarks/cpu_bf16_conv3d.py)."""
+
+
+@pytest.fixture
+def free_port():
+    """A function returning a free TCP port of 127.0.0.1 (for a gloo rendezvous)."""
+    return _free_port
 
 
 def _free_port() -> int:
@@ -146,12 +164,14 @@ def engine_inputs(phantom_dir, phantom_cache, tmp_path_factory):
 @pytest.fixture(scope="session")
 def ds_launch(engine_inputs, phantom_dir, phantom_cache):
     """`ds_launch(out_dir, ds_config, num_steps, extra=[], nodes=1, wait=True, env={},
-    launcher="deepspeed", ranks=2)`: run launch/train.py on 2 ranks through the real DeepSpeed launcher
-    (`deepspeed --num_gpus 2`, or `ranks` of them on one node, or with nodes=2 two `python -m deepspeed.launcher.launch --node_rank 0/1`
-    processes sharing one master); `launcher="torchrun"`: `torchrun --nproc_per_node 2`;
-    `launcher="slurm"`: two plain processes with only the variables `srun` sets (SLURM_PROCID/LOCALID/
-    NTASKS, SLURM_JOB_NODELIST). `env` is added to the environment (e.g. `ALICE_DS_FAULT`). Returns the launcher Popen objects
-    (finished when `wait`); stdout+stderr go to `<out_dir>/launch<i>.log`."""
+    launcher="deepspeed", ranks=2)` (`ds_config`: a name of the shared configs or a path): run
+    launch/train.py on 2 ranks through the real DeepSpeed launcher (`deepspeed --num_gpus 2`, or
+    `ranks` of them on one node, or with nodes=2 two `python -m deepspeed.launcher.launch
+    --node_rank 0/1` processes sharing one master); `launcher="torchrun"`: `torchrun --nproc_per_node
+    2`; `launcher="slurm"`: two plain processes with only the variables `srun` sets (SLURM_PROCID/
+    LOCALID/NTASKS, SLURM_JOB_NODELIST). `env` is added to the environment (e.g. `ALICE_DS_FAULT`).
+    Returns the launcher Popen objects (finished when `wait`); stdout+stderr go to
+    `<out_dir>/launch<i>.log`."""
     import base64
     import json
     import subprocess
@@ -163,7 +183,8 @@ def ds_launch(engine_inputs, phantom_dir, phantom_cache):
                ranks=2):
         out_dir.mkdir(parents=True, exist_ok=True)
         args = [os.path.join(repo, "launch", "train.py"), "--config", str(engine_inputs / "tiny.yaml"),
-                "--deepspeed_config", str(engine_inputs / f"{ds_config}.json"),
+                "--deepspeed_config", str(ds_config if isinstance(ds_config, os.PathLike)
+                                          else engine_inputs / f"{ds_config}.json"),
                 "--data_dir", str(phantom_dir), "--json_list", str(engine_inputs / "datalist.json"),
                 "--cache_dir", str(phantom_cache), "--output_dir", str(out_dir),
                 "--num_steps", str(num_steps), *extra]

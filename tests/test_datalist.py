@@ -38,7 +38,8 @@ def test_split_is_deterministic_and_stable(tmp_path):
     a = build_datalist(tmp_path, val_fraction=0.2, seed=3)
     assert a == build_datalist(tmp_path, val_fraction=0.2, seed=3)
     assert len(a["validation"]) == 4 and len(a["training"]) == 16
-    assert {e["image"] for e in a["validation"]} != {e["image"] for e in build_datalist(tmp_path, 0.2, seed=4)["validation"]}
+    other_seed = build_datalist(tmp_path, 0.2, seed=4)
+    assert {e["image"] for e in a["validation"]} != {e["image"] for e in other_seed["validation"]}
     # Adding a case moves at most one case out of validation (cases are ranked by a hash of their
     # path, so the others keep their rank).
     _nifti(tmp_path / "imagesTr" / "Case_00020_0000.nii.gz")
@@ -63,7 +64,7 @@ def test_plain_folder_and_images_ts(tmp_path):
 
 def test_datalist_cli(tmp_path, phantom_dir, capsys):
     out = tmp_path / "p.json"
-    assert main(["datalist", str(phantom_dir), "-o", str(out), "--val-fraction", "0.5", "--seed", "1"]) == 0
+    assert main(["datalist", str(phantom_dir), "-o", str(out), "--val_fraction", "0.5", "--seed", "1"]) == 0
     d = json.loads(out.read_text())
     assert len(d["training"]) == 2 and len(d["validation"]) == 2
     assert main(["datalist", str(tmp_path / "empty"), "-o", str(out)]) == 2
@@ -71,8 +72,8 @@ def test_datalist_cli(tmp_path, phantom_dir, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["datalist", str(tmp_path / "empty"), "-o", str(out)]) == 2
     assert "no .nii or .nii.gz files found" in capsys.readouterr().err
-    assert main(["datalist", str(phantom_dir), "-o", str(out), "--val-fraction", "1.5"]) == 2
-    assert "--val-fraction must be in [0, 1), got 1.5" in capsys.readouterr().err
+    assert main(["datalist", str(phantom_dir), "-o", str(out), "--val_fraction", "1.5"]) == 2
+    assert "--val_fraction must be in [0, 1), got 1.5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, problem", [

@@ -4,23 +4,19 @@ one batch, ZeRO-2 validates and prunes (both bf16 autocast, no update may be ski
 two 'nodes' in fp32 and is the exact-resume reference. Two more launches inject faults (`ALICE_DS_FAULT`):
 NaN losses under ZeRO-1 bf16, and a rank that dies."""
 
-import copy
 import json
 import math
 import os
 import shutil
 import subprocess
-import time
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from alice_ds.engine.cpu_bf16 import guard_cpu_bf16_conv3d
-from alice_ds.engine.distenv import (SHM_ALLREDUCE_NAME, SHM_DIR, first_slurm_host, release_cpu_allreduce_buffer,
-                                     setup_env)
-from alice_ds.engine.trainer import FAULT_ENV, FAULT_EXIT_CODE
-from alice_ds.errors import UserError
+from alice_ds.engine.distenv import SHM_ALLREDUCE_NAME, SHM_DIR
+from alice_ds.engine.faults import FAULT_ENV, FAULT_EXIT_CODE
 
 EMA_RTOL = 1e-6
 RESUME_ATOL = 1e-5
@@ -95,78 +91,18 @@ def _assert_every_update_applied(metrics):
     assert metrics[-1]["skipped_updates"] == 0
 
 
+
+
+
+
+
+
+
+
+
+
 def _shm_buffers() -> set:
-    return {p for p in os.listdir(SHM_DIR) if p.startswith("deepspeed_allreduce_buffer_")}
-
-
-def test_release_cpu_allreduce_buffer_unlinks_only_its_own_name():
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "65531"}
-    names = [os.path.join(SHM_DIR, SHM_ALLREDUCE_NAME.format(uid=os.getuid(), addr="127.0.0.1", port="65531",
-                                                              rank=r)) for r in (0, 1)]
-    for n in names:
-        open(n, "wb").close()
-    try:
-        assert release_cpu_allreduce_buffer(1, env) is True
-        assert os.path.exists(names[0]) and not os.path.exists(names[1])
-        assert release_cpu_allreduce_buffer(1, env) is False  # already gone: nothing to do
-    finally:
-        for n in names:
-            if os.path.exists(n):
-                os.unlink(n)
-
-
-def test_cpu_bf16_conv3d_guard():
-    """alice_ds/engine/cpu_bf16.py: under CPU bf16 autocast a guarded depth-2 Conv3d (oneDNN's bf16
-    weight gradient is garbage there; benchmarks/cpu_bf16_conv3d.py) gives the fp32 weight gradient
-    on every draw; convs outside the bug (depth >= kernel, or no weight gradient) stay bf16."""
-    torch.manual_seed(0)
-    conv = torch.nn.Conv3d(32, 32, 3, padding=1)
-    net = torch.nn.Sequential(conv, torch.nn.Conv3d(32, 32, 1))
-    assert guard_cpu_bf16_conv3d(net) == 2
-    for _ in range(8):
-        x, g = torch.randn(1, 32, 2, 4, 4), torch.randn(1, 32, 2, 4, 4)  # [B, C, D, H, W], depth 2 < kernel 3
-        conv.zero_grad()
-        with torch.autocast("cpu", torch.bfloat16):
-            y = conv(x)
-        assert y.dtype == torch.float32
-        y.backward(g)
-        got = conv.weight.grad.clone()
-        conv.zero_grad()
-        torch.nn.Conv3d.forward(conv, x).backward(g)  # unguarded fp32 reference
-        torch.testing.assert_close(got, conv.weight.grad, rtol=1e-5, atol=1e-5)
-    with torch.autocast("cpu", torch.bfloat16):
-        assert conv(torch.randn(1, 32, 3, 3, 3)).dtype == torch.bfloat16  # depth 3 >= kernel 3
-        with torch.no_grad():
-            assert conv(x).dtype == torch.bfloat16  # no weight gradient (the teacher)
-    twin = copy.deepcopy(net)  # the teacher is a deepcopy: its guard is bound to its own conv
-    assert twin[0].forward.__self__ is twin[0]
-
-
-def test_fault_specs_parse_per_rank_and_refuse_unknown_forms():
-    from alice_ds.engine.trainer import Faults
-    from alice_ds.errors import UserError
-
-    f = Faults("nan:1:2:1,exit:0:3,term:1:4", rank=1)
-    assert (f.nan, f.exit_step, f.term_step) == ({2: 1.0}, None, 4)
-    f = Faults("nan:1:2:1,exit:0:3,term:1:4", rank=0)
-    assert (f.nan, f.exit_step, f.term_step) == ({}, 3, None)
-    for bad, msg in (("term:0", "cannot parse 'term:0'"), ("kill:0:1", "unknown fault 'kill:0:1'"),
-                     ("term:0:1:2", "unknown fault 'term:0:1:2'")):
-        with pytest.raises(UserError, match=msg + r".*term:RANK:STEP"):
-            Faults(bad, rank=0)
-
-
-def test_launcher_env_mapping():
-    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[07-08,11]"}
-    e = setup_env(env)
-    assert (e.rank, e.local_rank, e.world_size, e.launcher) == (5, 1, 8, "slurm")
-    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == ("5", "8", "gpu07", "29500")
-    assert first_slurm_host("a1,b2") == "a1"
-    e = setup_env({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"})
-    assert (e.rank, e.world_size, e.launcher) == (1, 2, "env")
-    assert setup_env({}).world_size == 1
-    with pytest.raises(UserError, match="RANK=3 is outside WORLD_SIZE=2"):
-        setup_env({"RANK": "3", "WORLD_SIZE": "2"})
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(SHM_ALLREDUCE_NAME.split("{", 1)[0])}
 
 
 def test_user_mistakes_exit_2_with_one_line(engine_inputs, phantom_cache, tmp_path, capsys):
@@ -177,10 +113,35 @@ def test_user_mistakes_exit_2_with_one_line(engine_inputs, phantom_cache, tmp_pa
             "--json_list", str(engine_inputs / "datalist.json"), "--cache_dir", str(phantom_cache),
             "--output_dir", str(tmp_path)]
     assert main(base + ["--roi", "50"]) == 2
-    assert "--roi must be a positive multiple of 32, got 50" in capsys.readouterr().err
+    assert "sampler.roi must be a positive multiple of 32, got 50" in capsys.readouterr().err
     assert main(base + ["--lr", "1e-5", "--min_lr", "1e-4"]) == 2
     err = capsys.readouterr().err
-    assert "min_lr 0.0001 must be below the peak lr 3.90625e-08" in err and "Traceback" not in err
+    assert "optim.min_lr 0.0001 must be below the peak lr 3.90625e-08" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_bad_yaml_value_exits_2_with_one_line_before_any_rendezvous(engine_inputs, ds_launch, phantom_cache,
+                                                                      tmp_path):
+    """A value only the sampler checks (it used to pass validation and end in a traceback from every
+    rank after deepspeed.initialize) stops every rank before any process group starts: one error line
+    naming the field and the value, exit 2, through the DeepSpeed launcher (2 ranks) and alone."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((engine_inputs / "tiny.yaml").read_text().replace("sampler: {roi: 64}",
+                                                                     "sampler: {roi: 64, mask_block: 15}"))
+    want = "error: sampler.mask_block must be a positive multiple of the patch size 2, got 15"
+    (proc,) = ds_launch(tmp_path / "ds", "zero1_bf16", 1, ["--config", str(bad)])
+    log = (tmp_path / "ds" / "launch0.log").read_text()
+    assert proc.returncode == 2, log[-3000:]
+    assert log.count(want) == 1 and "Traceback" not in log, log[-3000:]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    single = subprocess.run(
+        [sys.executable, os.path.join(repo, "launch", "train.py"), "--config", str(bad), "--deepspeed_config",
+         str(engine_inputs / "zero1_bf16.json"), "--json_list", str(engine_inputs / "datalist.json"),
+         "--cache_dir", str(phantom_cache), "--output_dir", str(tmp_path / "single")],
+        env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 2 and single.stdout == "", single.stderr[-3000:]
+    assert single.stderr.strip().splitlines() == [want], single.stderr[-3000:]
+    assert not (tmp_path / "single").exists()  # nothing started, nothing written
 
 
 def test_zero3_overfit_ema_and_checkpoint_layout(ds_run):
@@ -188,7 +149,13 @@ def test_zero3_overfit_ema_and_checkpoint_layout(ds_run):
     m = _metrics(out)
     assert [x["step"] for x in m] == [1, 2]
     for x in m:
-        assert all(math.isfinite(x[k]) for k in ("loss", "cls", "patch", "recon", "lr", "momentum", "samples_per_s"))
+        assert all(math.isfinite(x[k]) for k in ("loss", "cls", "patch", "recon", "lr", "momentum", "samples_per_s",
+                                                 "tflops_per_device"))
+    # TFLOP/s x step time = the FLOPs of a step per device: the same every step, and those of the tiny
+    # preset's sample (~120 GFLOP at 64^3) times 1 sample per rank
+    work = [x["tflops_per_device"] * x["step_time_s"] * 1e3 for x in m]  # GFLOP per device and step
+    assert work[0] == pytest.approx(work[1], rel=1e-9) and 60 < work[0] < 240, work
+    assert "mfu" not in m[0]  # no datasheet peak on the CPU
     assert m[-1]["loss"] < m[0]["loss"], [x["loss"] for x in m]
     _assert_every_update_applied(m)
     _check_ema(out)
@@ -197,7 +164,7 @@ def test_zero3_overfit_ema_and_checkpoint_layout(ds_run):
     assert (ck / "latest").read_text() == "step_2"
     state = json.loads((ck / "step_2" / "alice_state.json").read_text())
     assert (state["step"], state["world_size"], state["zero_stage"]) == (2, 2, 3)
-    assert state["config"]["model"]["feature_size"] == 12 and state["config"]["data"]["roi"] == 64
+    assert state["config"]["model"]["feature_size"] == 12 and state["config"]["sampler"]["roi"] == 64
     assert len(state["config"]["data"]["spacing"]) == 3
     for r in (0, 1):
         with safe_open(str(ck / "step_2" / f"teacher_fp32_rank{r}.safetensors"), "pt") as f:
@@ -231,17 +198,7 @@ def test_zero2_validation_best_and_pruning(ds_run):
     tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["best", "step_2"], tags  # keep_last 1 removed step_1; best is kept
     assert (out / "checkpoints" / "latest").read_text() == "step_2"
-    assert json.loads((out / "config.json").read_text())["data"]["augment_on"] == "device"
-
-
-def _wait_for(path, text, procs, timeout=600):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if path.is_file() and text in path.read_text():
-            return
-        assert all(p.poll() is None for p in procs), path.read_text()[-3000:]
-        time.sleep(0.5)
-    raise AssertionError(f"{text!r} not seen in {path}")
+    assert json.loads((out / "config.json").read_text())["sampler"]["augment_on"] == "device"
 
 
 def test_exact_resume_after_sigterm(ds_run, ds_launch, tmp_path):
@@ -359,9 +316,9 @@ def test_universal_checkpoint_resumes_on_another_world_size(ds_run, ds_launch, e
             shutil.copy(f, uni / f.name)
     cfg = json.loads((engine_inputs / "fp32.json").read_text())
     cfg["checkpoint"] = {"load_universal": True}
-    (engine_inputs / "fp32_universal.json").write_text(json.dumps(cfg))
+    (tmp_path / "fp32_universal.json").write_text(json.dumps(cfg))  # not into the shared inputs
     out = tmp_path / "run"
-    (proc,) = ds_launch(out, "fp32_universal", 3, ["--resume", "step_2_universal"], ranks=1)
+    (proc,) = ds_launch(out, tmp_path / "fp32_universal.json", 3, ["--resume", "step_2_universal"], ranks=1)
     log = (out / "launch0.log").read_text()
     assert proc.returncode == 0, log[-3000:]
     flat = "".join(log.split())  # the console wraps long paths

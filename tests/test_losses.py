@@ -3,7 +3,6 @@ worked out by hand; the center update across 2 gloo ranks."""
 
 import json
 import math
-import socket
 
 import pytest
 import torch
@@ -248,12 +247,6 @@ def test_alice_loss_rejects_bad_settings_by_name():
 
 # ---- center update across 2 gloo ranks -----------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_teacher(rank):
     """Rank-dependent teacher outputs: cls [2 views][B, K], patch [2 views][B, L, KP]."""
     g = torch.Generator().manual_seed(100 + rank)
@@ -279,8 +272,8 @@ def _center_worker(rank, world, port, out_dir):
 
 
 @pytest.mark.timeout(120)
-def test_center_update_is_mean_over_two_gloo_ranks(tmp_path):
-    mp.spawn(_center_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_center_update_is_mean_over_two_gloo_ranks(tmp_path, free_port):
+    mp.spawn(_center_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     teachers = [_rank_teacher(r) for r in range(2)]
     mean_cls = torch.cat([torch.cat(tc) for tc, _ in teachers]).mean(0)            # [K]

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from alice_ds.data.masks import block_mask, num_masked
+from alice_ds.sampler.masks import block_mask, num_masked
 
 
 @pytest.mark.parametrize("grid,ratio,block", [((48, 48, 48), 0.75, 8), ((32, 32, 32), 0.75, 8),

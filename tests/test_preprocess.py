@@ -101,7 +101,8 @@ def test_rerun_skips_unchanged_and_redoes_changed(tmp_path):
     dl = write_datalist({"training": [{"image": "a.nii.gz"}], "validation": [{"image": "b.nii.gz"}]},
                         tmp_path / "l.json")
     cache = tmp_path / "c"
-    run = lambda spacing=(2.0, 2.0, 2.0): preprocess_dataset(tmp_path / "d", dl, cache, spacing=spacing, show=False)
+    def run(spacing=(2.0, 2.0, 2.0)):
+        return preprocess_dataset(tmp_path / "d", dl, cache, spacing=spacing, show=False)
     assert sorted(run().done) == ["a", "b"]
     s = run()
     assert s.done == [] and sorted(s.skipped) == ["a", "b"]
@@ -165,7 +166,7 @@ def test_bad_inputs_are_listed_and_fail_the_run(bad_dataset, tmp_path, capsys, m
     assert len(last) == 1 and "truncated.nii.gz: cannot read NIfTI" in last[0] and "6 more bad cases" in last[0]
     assert "Traceback" not in err
     rc = main(["preprocess", "--data_dir", str(d), "--json_list", str(dl), "--cache_dir", str(cache),
-               "--spacing", "2", "2", "2", "--skip-bad"])
+               "--spacing", "2", "2", "2", "--skip_bad"])
     err = capsys.readouterr().err
     assert rc == 0 and "1 up to date, 7 bad" in err
     for name, problem in BAD_PROBLEMS.items():
@@ -199,29 +200,37 @@ def test_bad_spacing_and_duplicate_ids(tmp_path, phantom_dir, phantom_datalist):
         preprocess_dataset(tmp_path / "d", dl, tmp_path / "c")
 
 
+KILL_AT_RENAME = """\
+import os, signal, sys
+from alice_ds.cli import main
+renames, real = [0], os.replace
+def replace(src, dst):  # the third rename is the second case's array: die with its temporary written
+    renames[0] += 1
+    if renames[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_killed_run_leaves_no_partial_case_and_rerun_completes(phantom_dir, phantom_datalist, tmp_path):
-    """SIGKILL the CLI while it writes a case: only complete cases are listed, each reads back whole,
-    and the next run finishes the rest and removes the dead run's temp files."""
+    """SIGKILL the CLI at a known point, with one case written and the next one's array written under
+    its temporary name: only the complete case is listed and reads back whole, and the next run finishes
+    the rest and removes the dead run's temporary."""
     cache = tmp_path / "c"
-    cmd = [sys.executable, "-m", "alice_ds.cli", "preprocess", "--data_dir", str(phantom_dir),
+    cmd = [sys.executable, "-c", KILL_AT_RENAME, "preprocess", "--data_dir", str(phantom_dir),
            "--json_list", str(phantom_datalist), "--cache_dir", str(cache), "--spacing", "2", "2", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "ALICE_DS_PROGRESS": "0"})
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if cache.is_dir() and any(p.name.startswith(".") for p in cache.iterdir()):  # a temp file: mid-write
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
-    done = list_cases(cache)
-    assert len(done) < 4
-    for cid in done:
-        case = open_case(cache, cid)
-        assert np.asarray(case.array).shape == case.shape
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300,
+                          env={**os.environ, "ALICE_DS_PROGRESS": "0"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+    (done,) = list_cases(cache)  # one case complete
+    (temp,) = [p.name for p in cache.iterdir() if p.name.startswith(".")]
+    assert temp.startswith(".Case_") and ".npy.tmp-" in temp and done not in temp  # the next case, mid-write
+    case = open_case(cache, done)
+    assert np.asarray(case.array).shape == case.shape
     s = preprocess_dataset(phantom_dir, phantom_datalist, cache, spacing=(2.0, 2.0, 2.0), show=False)
-    assert sorted(s.skipped) == done and len(s.done) == 4 - len(done)
+    assert s.skipped == [done] and len(s.done) == 3
     assert list_cases(cache) == [f"Case_{i:05d}_0000" for i in range(1, 5)]
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from alice_ds.cli import main
-from alice_ds.data.cache import list_cases, open_case
-from alice_ds.sam.crops import body_voxels, resample, sam_grid
+from alice_ds.data.cache import body_voxels, list_cases, open_case
+from alice_ds.data.landmarks import load_landmarks
+from alice_ds.sam.crops import resample, sam_grid
 from alice_ds.sam.embed import embed_volume
-from alice_ds.sam.evaluate import evaluate, load_landmarks
+from alice_ds.sam.evaluate import evaluate
 from alice_ds.sam.geometry import index_to_world
 from alice_ds.sam.io import REQUIRED_META, embedding_path, list_embeddings, open_embedding
 from alice_ds.sam.matcher import Matcher
@@ -129,12 +130,15 @@ def test_lps_and_ras_storage_give_the_same_matches(phantom_dir, phantom_cache, s
 
 def test_match_cli_json_and_errors(sam_embed_dir, capsys, tmp_path):
     args = ["match", "--embed_dir", str(sam_embed_dir), "--query", "Case_00002_0000",
-            "--key", "Case_00004_0000", "--point", "10", "-20", "30", "--json"]
+            "--key", "Case_00004_0000", "--point", "10", "-20", "30", "--json", "-"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     matched, scores = Matcher(sam_embed_dir).match("Case_00002_0000", "Case_00004_0000", [[10, -20, 30]])
     np.testing.assert_allclose(out["matched_mm"], matched[0], atol=1e-3)
     assert out["score"] == pytest.approx(float(scores[0]), abs=1e-4)
+    assert main(args[:-1] + [str(tmp_path / "m.json")]) == 0  # --json FILE: the sentence, and the file
+    assert "Case_00004_0000" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m.json").read_text()) == out
     assert main(args + ["--search", "global"]) == 0
     out = json.loads(capsys.readouterr().out)
     matched, scores = Matcher(sam_embed_dir, search="global").match("Case_00002_0000", "Case_00004_0000",

@@ -1,22 +1,18 @@
 """benchmarks/sam_halves.py on the tiny test SAM: each row is the evaluation it names."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from alice_ds.sam.evaluate import evaluate, load_landmarks
+from alice_ds.data.landmarks import load_landmarks
+from alice_ds.sam.evaluate import evaluate
+from benchmarks import sam_halves
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sam_halves_rows(phantom_dir, phantom_cache, sam_embed_dir, tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import sam_halves
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
     out = tmp_path / "halves.json"
     assert sam_halves.main(["--embed_dir", str(sam_embed_dir), "--cache_dir", str(phantom_cache),
                             "--landmarks", str(phantom_dir / "landmarks"), "--window", "12",
@@ -51,11 +47,6 @@ def test_sam_halves_names_a_landmark_file_without_generator(phantom_dir, phantom
                                                             tmp_path, capsys):
     import shutil
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import sam_halves
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
     marks = tmp_path / "landmarks"
     shutil.copytree(phantom_dir / "landmarks", marks)
     doc = json.loads((marks / "Case_00003.json").read_text())

@@ -198,7 +198,8 @@ def test_coarse_candidates_order_and_suppression():
     a point whose pool runs out of free voxels repeats its last candidate."""
     shape = (6, 5, 4)
     sim = np.full((2, 120), -1.0, dtype=np.float32)
-    flat = lambda *ijk: np.ravel_multi_index(ijk, shape)
+    def flat(*ijk):
+        return np.ravel_multi_index(ijk, shape)
     sim[0, flat(2, 2, 2)] = 0.9
     sim[0, flat(3, 3, 3)] = 0.8  # a neighbour of the best: suppressed
     sim[0, flat(5, 0, 0)] = 0.7

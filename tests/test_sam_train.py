@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from alice_ds.cli import main
-from alice_ds.data.cache import list_cases, open_case
-from alice_ds.sam.crops import View, body_voxels, positive_pairs, resample, view_affine, view_pair
+from alice_ds.data.cache import body_voxels, list_cases, open_case
+from alice_ds.sam.crops import View, positive_pairs, resample, view_affine, view_pair
 from alice_ds.sam.geometry import index_to_world, sample_channels_first
 from alice_ds.sam.loss import sam_loss
 from alice_ds.sam.network import SAMNet, scale_hu

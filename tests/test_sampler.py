@@ -1,5 +1,5 @@
 """Pair sampler on small cached volumes written in the cache format (docs/interfaces.md), with SAM
-embedding files built from ground truth (alice_ds.data.oracle) and the real coarse-to-fine Matcher.
+embedding files built from ground truth (alice_ds.sam.oracle) and the real coarse-to-fine Matcher.
 
 The stand-in cases are affine deformations (scale, rotation about z, translation) of one canonical
 body with organs; their landmarks (organ centres, world mm) are known exactly."""
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from alice_ds.data.cache import hu_window
-from alice_ds.data.oracle import write_oracle_embedding
-from alice_ds.data.pairs import PairConfig, PairDataset, PairLoader, apply_device_augment
 from alice_ds.errors import DataError
 from alice_ds.sam.io import embedding_path
+from alice_ds.sam.oracle import write_oracle_embedding
+from alice_ds.sampler import PairDataset, PairLoader, SamplerConfig, apply_device_augment
 
 SPACING = 3.0  # mm, cache grid of the stand-in cases
 SHAPE = (56, 48, 44)  # voxels: 168 x 144 x 132 mm
@@ -96,7 +96,7 @@ def _expected_crop(vol, affine, center_mm, roi, pad=-1024):
 def _dataset(cohort, embed=True, **cfg):
     kwargs = dict(FAST)
     kwargs.update(cfg)
-    return PairDataset(cohort["cache"], cohort["embed"] if embed else None, PairConfig(**kwargs), seed=0,
+    return PairDataset(cohort["cache"], cohort["embed"] if embed else None, SamplerConfig(**kwargs), seed=0,
                        rank=0, world_size=1)
 
 
@@ -157,7 +157,7 @@ def test_determinism_and_augmentation(cohort):
     first = [_dataset(cohort, **cfg).sample(i) for i in range(2)]
     again = [_dataset(cohort, **cfg).sample(i) for i in reversed(range(2))][::-1]
     assert all(_same(x, y) for x, y in zip(first, again))
-    other = PairDataset(cohort["cache"], cohort["embed"], PairConfig(**cfg), seed=1, rank=0, world_size=1)
+    other = PairDataset(cohort["cache"], cohort["embed"], SamplerConfig(**cfg), seed=1, rank=0, world_size=1)
     assert not _same(first[0], other.sample(0))
     # augmentation is applied: the view differs from the plain windowed crop, stays in [0, 1]
     s = first[0]
@@ -169,7 +169,7 @@ def test_determinism_and_augmentation(cohort):
 
 
 def test_ranks_get_disjoint_shards_of_equal_length(cohort):
-    cfg = PairConfig(**FAST)
+    cfg = SamplerConfig(**FAST)
     r0, r1 = (PairDataset(cohort["cache"], None, cfg, seed=3, rank=r, world_size=2, epochs=3) for r in (0, 1))
     assert r0.samples_per_epoch == r1.samples_per_epoch == 2  # 5 cases // 2 ranks
     s0, s1 = list(r0), list(r1)
@@ -225,11 +225,11 @@ def test_bad_embeddings_are_skipped_then_fatal(cohort, tmp_path):
         (embed / f"{cid}.safetensors").write_bytes(embedding_path(cohort["embed"], cid).read_bytes())
     # ids[3]: file of another case under its name; ids[4]: no file
     (embed / f"{ids[3]}.safetensors").write_bytes(embedding_path(cohort["embed"], ids[0]).read_bytes())
-    ds = PairDataset(cohort["cache"], embed, PairConfig(**FAST, max_bad_fraction=0.5), rank=0, world_size=1)
+    ds = PairDataset(cohort["cache"], embed, SamplerConfig(**FAST, max_bad_fraction=0.5), rank=0, world_size=1)
     assert ds.cases == ids[:3] and ds.stats()["skipped_cases"] == 2
     assert "belongs to case" in ds.skipped[ids[3]] and "no SAM embedding" in ds.skipped[ids[4]]
     with pytest.raises(DataError, match=r"2 of 5 cases are unusable .*max_bad_fraction=10%"):
-        PairDataset(cohort["cache"], embed, PairConfig(**FAST), rank=0, world_size=1)
+        PairDataset(cohort["cache"], embed, SamplerConfig(**FAST), rank=0, world_size=1)
 
 
 def test_stale_embedding_grid_is_detected(cohort, tmp_path):
@@ -241,7 +241,7 @@ def test_stale_embedding_grid_is_detected(cohort, tmp_path):
     write_oracle_embedding(embedding_path(embed, ids[0]), ids[0], shifted, SHAPE, c["landmarks"], CANONICAL)
     for cid in ids[1:]:
         (embed / f"{cid}.safetensors").write_bytes(embedding_path(cohort["embed"], cid).read_bytes())
-    ds = PairDataset(cohort["cache"], embed, PairConfig(**FAST, max_bad_fraction=0.2), rank=0, world_size=1)
+    ds = PairDataset(cohort["cache"], embed, SamplerConfig(**FAST, max_bad_fraction=0.2), rank=0, world_size=1)
     assert ids[0] not in ds.cases and "does not cover" in ds.skipped[ids[0]]
 
 
@@ -250,7 +250,7 @@ def test_stale_embedding_grid_is_detected(cohort, tmp_path):
                                          ("num_candidates", 0), ("augment_on", "gpu")])
 def test_config_errors_name_the_value(field, value):
     with pytest.raises(ValueError, match=field):
-        PairConfig(**{field: value})
+        SamplerConfig(**{field: value})
 
 
 def test_phantom_chain_landmarks(phantom_dir, phantom_cache, tmp_path):
@@ -267,7 +267,7 @@ def test_phantom_chain_landmarks(phantom_dir, phantom_cache, tmp_path):
     for cid in ids:
         case = open_case(phantom_cache, cid)
         write_oracle_embedding(embedding_path(tmp_path, cid), cid, case.affine, case.shape, lms[cid], reference)
-    ds = PairDataset(phantom_cache, tmp_path, PairConfig(**FAST), rank=0, world_size=1)
+    ds = PairDataset(phantom_cache, tmp_path, SamplerConfig(**FAST), rank=0, world_size=1)
     errors = []
     for a, b in ((ids[0], ids[1]), (ids[2], ids[3])):
         for name in sorted(set(lms[a]) & set(lms[b])):
@@ -281,21 +281,6 @@ def test_phantom_chain_landmarks(phantom_dir, phantom_cache, tmp_path):
     assert np.mean(errors <= 20.0) >= 0.9
 
 
-def test_oracle_grid_equals_pointwise_features():
-    """The factorised grid encoding equals the definition at arbitrary voxels of a rotated grid."""
-    from alice_ds.data.oracle import FINE_WAVELENGTHS_MM, features, grid_features
-
-    rng = np.random.default_rng(0)
-    affine = np.eye(4)
-    affine[:3, :3] = _world_from_canonical(rng)[:3, :3] * 4.0
-    affine[:3, 3] = [-150.0, -120.0, -90.0]
-    to_canon = _world_from_canonical(rng)
-    shape = (70, 60, 50)
-    grid = grid_features(affine, shape, to_canon, FINE_WAVELENGTHS_MM, 0).numpy()
-    ijk = np.stack([rng.integers(n, size=64) for n in shape], 1)
-    canon = (ijk @ affine[:3, :3].T + affine[:3, 3]) @ to_canon[:3, :3].T + to_canon[:3, 3]
-    np.testing.assert_allclose(grid[tuple(ijk.T)], features(canon, FINE_WAVELENGTHS_MM, 0), atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(grid[tuple(ijk.T)], axis=1), 1.0, atol=1e-5)
 
 
 def _rank_worker(rank, cache, port, out):
@@ -303,7 +288,7 @@ def _rank_worker(rank, cache, port, out):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        ds = PairDataset(cache, None, PairConfig(**FAST), seed=5, epochs=2)  # rank/world from the group
+        ds = PairDataset(cache, None, SamplerConfig(**FAST), seed=5, epochs=2)  # rank/world from the group
         cases = [s["query_case"] for s in ds]
         gathered = [None, None]
         dist.all_gather_object(gathered, {"rank": ds.rank, "world": ds.world_size, "cases": cases})
@@ -359,47 +344,14 @@ def test_state_from_another_world_size_restarts_its_epoch(cohort):
         ds.load_state_dict(dict(state, world_size=1, position=7))
 
 
-def test_fast_rotation_equals_monai_rotate():
-    """`rotate` replaces MONAI's resampling (not its angles or matrix): same volume for the same
-    angles, also for a non-cubic view; and ViewAugment's rotation equals MONAI's RandRotate run
-    with the seed it drew."""
-    from monai.transforms import RandRotate, Rotate
-
-    from alice_ds.data.augment import SEED_LIMIT, ViewAugment, rotate
-
-    view = torch.rand(1, 14, 18, 22, generator=torch.Generator().manual_seed(0))
-    for angles in ((0.2, -0.15, 0.1), (0.0, 0.0, 0.26), (-0.26, 0.26, -0.26)):
-        want = Rotate(angle=angles, keep_size=True, mode="bilinear", padding_mode="zeros")(view)
-        torch.testing.assert_close(rotate(view, angles), want.as_tensor(), atol=1e-4, rtol=0)
-    rng = np.random.default_rng(3)
-    seed = int(np.random.default_rng(3).integers(SEED_LIMIT))  # the draw ViewAugment will make
-    got = ViewAugment(15.0, 1.0, noise_std=0.0)(view, rng)
-    rad = np.radians(15.0)
-    monai = RandRotate(range_x=rad, range_y=rad, range_z=rad, prob=1.0, keep_size=True,
-                       mode="bilinear", padding_mode="zeros")
-    monai.set_random_state(seed=seed)
-    want = monai(view).as_tensor().clamp(0, 1)
-    assert (got - view).abs().mean() > 0.05  # it did rotate
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_noise_is_seeded_gaussian_of_the_configured_sigma():
-    from alice_ds.data.augment import ViewAugment
-
-    view = torch.full((1, 24, 24, 24), 0.5)
-    aug = ViewAugment(0.0, 0.0, noise_std=0.1)
-    a = aug(view, np.random.default_rng(7))
-    assert torch.equal(a, aug(view, np.random.default_rng(7)))  # same generator state, same noise
-    assert not torch.equal(a, aug(view, np.random.default_rng(8)))
-    assert torch.equal(view, torch.full_like(view, 0.5))  # the input is left alone
-    d = (a - 0.5).flatten()  # 13824 draws; 0.5 +- 5 sigma is never clipped
-    assert abs(float(d.mean())) < 0.005 and abs(float(d.std()) - 0.1) < 0.003
 
 
 def test_worker_allocator_tuning_takes_on_glibc():
     import platform
 
-    from alice_ds.data.pairs import tune_worker_allocator
+    from alice_ds.sampler.loader import tune_worker_allocator
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert tune_worker_allocator() is True
@@ -449,7 +401,7 @@ def test_device_augmentation_is_reproducible_and_needs_its_keys(cohort):
     a = apply_device_augment(_batch(cohort, False, n=2, augment_on="device"))
     b = apply_device_augment(_batch(cohort, False, n=2, augment_on="device"))
     assert torch.equal(a["query"], b["query"]) and torch.equal(a["anchor"], b["anchor"])
-    other = PairDataset(cohort["cache"], None, PairConfig(**AUG, augment_on="device"), seed=1, rank=0,
+    other = PairDataset(cohort["cache"], None, SamplerConfig(**AUG, augment_on="device"), seed=1, rank=0,
                         world_size=1)
     c = apply_device_augment(next(iter(PairLoader(other, batch_size=2))))
     assert not torch.equal(a["query"], c["query"])
