@@ -208,6 +208,53 @@ def time_cuda_augment(batch: dict, augment, repeats: int) -> dict:
             "device": torch.cuda.get_device_name()}
 
 
+def anatomy_mix(cache, embed, raw: Path, cfg, calls: int, seed: int) -> dict:
+    """Which anatomy the query crops are centred on, by phantom label, under three rules applied to
+    the same matcher calls (the sampler's own candidates, partners and threshold): every body
+    candidate (the prior), the best-scoring candidate when it passes (the former rule) and one
+    drawn uniformly among those that pass (the rule since). -> {rule: {label: fraction}}."""
+    import nibabel as nib
+
+    from alice_ds.data import case_key
+    from alice_ds.data.phantom import LABELS
+    from alice_ds.sampler import PairDataset
+
+    names = {v: k for k, v in LABELS.items()} | {0: "other (body wall, fat, muscle)"}
+    ds = PairDataset(cache, embed, cfg, seed=seed, rank=0, world_size=1)
+    labels = {}
+    for cid in ds.cases:
+        img = nib.load(raw / "labelsTr" / f"{case_key(cid)}.nii.gz")
+        labels[cid] = (np.asarray(img.dataobj), np.linalg.inv(img.affine))
+
+    def label(cid, points):
+        arr, inv = labels[cid]
+        ijk = np.rint(points @ inv[:3, :3].T + inv[:3, 3]).astype(int)
+        ijk = np.clip(ijk, 0, np.asarray(arr.shape) - 1)
+        return [names.get(int(v), str(v)) for v in arr[tuple(ijk.T)]]
+
+    rng = np.random.default_rng(seed)
+    found = {"all body candidates": [], "best of K (former)": [], "uniform among passing (since)": []}
+    for n in range(calls):
+        a = ds.cases[n % len(ds.cases)]
+        b = ds._partner(a, rng)
+        points = ds._body_points(ds._case(a), cfg.num_candidates, rng)
+        _, scores = ds.matcher.match(a, b, points)
+        found["all body candidates"] += label(a, points)
+        passing = np.flatnonzero(scores >= cfg.score_threshold)
+        if len(passing):
+            found["best of K (former)"] += label(a, points[[int(np.argmax(scores))]])
+            found["uniform among passing (since)"] += label(a, points[[int(rng.choice(passing))]])
+    return {rule: {k: v / len(got) for k, v in sorted(_count(got).items(), key=lambda kv: -kv[1])}
+            for rule, got in found.items()}
+
+
+def _count(items: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
 def main(argv=None) -> int:
     from alice_ds.sampler import PairDataset, SamplerConfig, apply_device_augment
     from alice_ds.sampler.loader import tune_worker_allocator
@@ -227,6 +274,8 @@ def main(argv=None) -> int:
     ap.add_argument("--match_candidates", type=int, default=SamplerConfig.match_candidates,
                     help="coarse candidates per matcher point (SamplerConfig.match_candidates)")
     ap.add_argument("--seed", type=int, default=0, help="phantom and sampling seed")
+    ap.add_argument("--mix_calls", type=int, default=200,
+                    help="matcher calls for the anatomical mix of the query crops (0: skip it)")
     ap.add_argument("--score_threshold", type=float, default=SamplerConfig.score_threshold,
                     help="acceptance threshold for both samplers; oracle embeddings score ~1 at a true "
                          "match, so a higher threshold mimics the lower acceptance of a learned SAM")
@@ -327,6 +376,13 @@ def main(argv=None) -> int:
     if cuda_aug:
         console.print(f"on {cuda_aug['device']}: {report['device_augment_cuda_ms_per_pair']:.3f} ms per pair "
                       f"(batch {args.device_batch} already on the GPU)")
+    if args.mix_calls:
+        mix = anatomy_mix(cache, embed, work / "phantom", SamplerConfig(**common), args.mix_calls, args.seed)
+        report["anatomy_mix"] = mix
+        rules = list(mix)
+        shown = sorted({k for m in mix.values() for k in m}, key=lambda k: -mix[rules[0]].get(k, 0.0))
+        console.print(table(f"query crop centres by phantom label, {args.mix_calls} matcher calls", ["label", *rules],
+                            [[k, *[f"{100 * mix[r].get(k, 0.0):.1f} %" for r in rules]] for k in shown]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str))
     return 0

@@ -2,7 +2,7 @@
 
     deepspeed [--hostfile H] launch/train.py --deepspeed_config ds_configs/zero2_bf16.json \\
         --data_dir D --json_list J --cache_dir C --embed_dir E --output_dir O \\
-        --batch_size 8 --num_steps 100000 --lr 5e-5 [--preset B] [--config presets/tiny.yaml] [--resume auto]
+        --batch_size 8 --num_steps 100000 [--lr 5e-4] [--preset B] [--config presets/tiny.yaml] [--resume auto]
 
 Also runs under `torchrun`, `accelerate launch` and SLURM `srun` (launch/slurm.sbatch): ranks come
 from the environment (alice_ds.engine.distenv). A mistake in the input (a flag, the YAML, the

@@ -102,11 +102,14 @@ model: {preset: tiny, out_dim: 256, patch_out_dim: 256, head_hidden_dim: 512, he
 data: {num_workers: 0}
 sampler: {roi: 64}
 run: {batch_size: 1, save_every: 1, keep_last: 0}
-optim: {lr: 0.2, min_lr: 1.0e-6, warmup_steps: 0, freeze_last_layer_steps: 1, momentum_start: 0.9}
+optim: {lr: 0.2, min_lr: 1.0e-6, warmup_steps: 0, freeze_last_layer_steps: 1, momentum_start: 0.9,
+        weight_decay: 5.0, weight_decay_end: 5.0}
 loss: {warmup_teacher_temp_steps: 5}
 """
-"""presets/tiny.yaml with every step checkpointed, no lr warmup (step 1 already moves the weights) and
-a teacher momentum of 0.9 so the EMA moves by far more than the 1e-6 tolerance of the EMA test."""
+"""presets/tiny.yaml with every step checkpointed, no lr warmup (step 1 already moves the weights), a
+teacher momentum of 0.9 so the EMA moves by far more than the 1e-6 tolerance of the EMA test, and a
+weight decay large enough (lr x wd ~ 1 % of a weight per step) that a wrong one shows in the
+numerics-parity test."""
 
 ENGINE_RUNS = {
     # stage: (ds_configs/<name>.json, num_steps, extra flags, nodes); nodes=2 runs two

@@ -27,7 +27,7 @@ def _args(tmp_path, *argv):
 
 def test_every_field_is_a_flag_with_its_docstring_and_default():
     p = _parser()
-    by_dest = {a.dest: a for a in p._actions}
+    by_dest = {a.dest: a for a in p._actions if a.help != argparse.SUPPRESS}  # not the --no-X of a switch
     for section, cls in C.SECTIONS.items():
         docs = flags.field_docs(cls)
         for f in dataclasses.fields(cls):
@@ -108,7 +108,7 @@ def test_resolve_derives_without_mutating(tmp_path):
     assert C.peak_lr(cfg, world_size=128) == pytest.approx(5e-5) and C.global_batch(cfg, 128) == 256
     with pytest.raises(ConfigError, match=r"optim.min_lr 1e-06 must be below the peak lr 1.9531[23]e-07 "
                                           r"\(= lr 5e-05 \* global batch 1 / 256\)"):
-        C.resolve(_args(tmp_path, "--batch_size", 1, "--min_lr", 1e-6), 1, False, (1, 1, 1))
+        C.resolve(_args(tmp_path, "--lr", 5e-5, "--batch_size", 1, "--min_lr", 1e-6), 1, False, (1, 1, 1))
     with pytest.raises(ConfigError, match=r"data.spacing \(1.0, 1.0, 1.0\) differs from the cache's"):
         C.resolve(_args(tmp_path, "--spacing", 1, 1, 1), 1, False, (1.5, 1.5, 2.0))
 

@@ -26,7 +26,7 @@ def test_meta_count_equals_the_real_step():
              "query_mask": torch.rand(1, side, side, side) < 0.75,
              "anchor_mask": torch.rand(1, side, side, side) < 0.75}
     with sdpa_kernel(SDPBackend.MATH):  # the CPU's fused attention kernel is invisible to FlopCounterMode
-        real = count_flops(lambda: module(batch, 0, update_centers=False)["loss"].backward())
+        real = count_flops(lambda: module(batch, 0)["loss"].backward())
     assert meta == real
     # the backbone's share: the student's forward and backward (~3x a forward) and the teacher's forward
     # of both views, i.e. ~8 backbone forwards; heads and CASA are small at this width

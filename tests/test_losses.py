@@ -128,6 +128,7 @@ def _ce_hand(k, tau_t, i, j):
 
 
 def _entropy_hand(k, tau_t):
+    """Entropy of a teacher row hot at one index (value H_T) over k prototypes."""
     pj = _p_hot(H_T, tau_t, k)
     po = (1 - pj) / (k - 1)
     return -(pj * math.log(pj) + (k - 1) * po * math.log(po))
@@ -178,11 +179,24 @@ def test_alice_loss_hand_computed(recon_on):
     assert out["patch"].item() == pytest.approx(patch, rel=1e-5)
     assert out["recon"].item() == pytest.approx(recon, rel=1e-6)
     assert out["loss"].item() == pytest.approx(cls + patch + 10 * recon, rel=1e-5)
-    assert out["teacher_entropy"].item() == pytest.approx(_entropy_hand(K, tau_t), rel=1e-5)
     # student v0 [0, 1] vs teacher q1 [0, 3]; student v1 [2, 2] vs teacher q0 [2, 1]
     assert out["agreement"].item() == pytest.approx(0.5)
+    # monitors: teacher rows hot at 2, 1, 0, 3 (cls) and at 0, 1, 2 and 2 (patch, 2·B·L tokens)
+    pj, pjp = _p_hot(H_T, tau_t, K), _p_hot(H_T, tau_p, KP)
+    cls_mean = torch.full((K,), (pj + 3 * (1 - pj) / (K - 1)) / 4)  # each index hot in one of 4 rows
+    assert out["cls_batch_entropy"].item() == pytest.approx(-(cls_mean * cls_mean.log()).sum().item(), rel=1e-5)
+    assert out["cls_distinct"].item() == 4 and out["patch_distinct"].item() == 3
+    hot_share = torch.tensor([4.0, 4.0, 12.0]) / (2 * B * L)  # tokens hot at each patch index
+    patch_mean = hot_share * pjp + (1 - hot_share) * (1 - pjp) / (KP - 1)
+    assert out["patch_batch_entropy"].item() == pytest.approx(-(patch_mean * patch_mean.log()).sum().item(),
+                                                              rel=1e-5)
+    assert out["cls_kl"].item() == pytest.approx(cls - _entropy_hand(K, tau_t), rel=1e-4)
+    assert out["patch_kl"].item() == pytest.approx(patch - _entropy_hand(KP, tau_p), rel=1e-4)
 
-    # centers: 0.9·0 + 0.1·mean of the raw teacher rows (all views, all rows / tokens)
+    # centers: untouched by the forward; update_centers moves them to 0.9·0 + 0.1·mean of the raw
+    # teacher rows (all views, all rows / tokens)
+    assert torch.count_nonzero(loss_fn.center) == 0 and torch.count_nonzero(loss_fn.center2) == 0
+    loss_fn.update_centers(**out["center_sums"])
     want_c = torch.zeros(K)
     for h in t_hot[0] + t_hot[1]:
         want_c[h] += 0.1 * H_T / (2 * B)
@@ -204,22 +218,12 @@ def test_alice_loss_hand_computed(recon_on):
     assert rec[0].grad[0, 0, 7, 0, 0].item() == 0.0
 
 
-def test_alice_loss_patch_weights_and_second_step_uses_new_center():
+def test_alice_loss_second_step_uses_new_center():
     loss_fn = AliceLoss(K, KP, **WARMUP)
     sc, tc, sp, tp, rec, tgt, masks, *_ = _hand_inputs()
-    w = [torch.zeros(B, L), torch.zeros(B, L)]
-    w[0][:, 0] = 1.0   # view 0 token 0 only; view 1 no weight on token 0 only
-    w[1][:, 1:] = 2.0
-    out = loss_fn(sc, tc, sp, tp, rec, tgt, masks, step=100, patch_weights=w, update_centers=False)
-    tau_p = 0.07
-    want = (_ce_hand(KP, tau_p, 0, 0) + _ce_hand(KP, tau_p, 1, 2)) / 2
-    assert out["patch"].item() == pytest.approx(want, rel=1e-5)
-    assert torch.count_nonzero(loss_fn.center) == 0  # update_centers=False
-
-    # with a nonzero center the teacher of the next step is centered: compare with the reference
-    loss_fn.center.fill_(0.05)
+    loss_fn.center.fill_(0.05)  # a nonzero center centers the teacher: compare with the reference
     loss_fn.center[0, 2] = -0.1
-    out = loss_fn(sc, tc, sp, tp, rec, tgt, masks, step=100, update_centers=False)
+    out = loss_fn(sc, tc, sp, tp, rec, tgt, masks, step=100)
     ref = torch.stack([reference.centered_cross_entropy(sc[v], tc[q], loss_fn.center, 0.1, 0.06).mean()
                        for q, v in [(0, 1), (1, 0)]]).mean()
     assert out["cls"].item() == pytest.approx(ref.item(), rel=1e-5)
@@ -263,7 +267,9 @@ def _center_worker(rank, world, port, out_dir):
         sp = [torch.randn(B, L, KP, requires_grad=True) for _ in range(2)]
         rec = [torch.rand(B, 1, 8, 8, 8, requires_grad=True) for _ in range(2)]
         loss_fn = AliceLoss(K, KP, recon_on="all", center_momentum=0.9)
-        loss_fn(sc, tc, sp, tp, rec, [r.detach() for r in rec], None, step=0)["loss"].backward()
+        out = loss_fn(sc, tc, sp, tp, rec, [r.detach() for r in rec], None, step=0)
+        out["loss"].backward()
+        loss_fn.update_centers(**out["center_sums"])
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump({"center": loss_fn.center[0].tolist(),
                        "center2": loss_fn.center2[0].tolist()}, f)

@@ -207,14 +207,81 @@ def test_resume_continues_the_exact_stream_with_workers(cohort):
     assert 0.9 <= st["mean_score"] <= 1.0
 
 
-def test_fallback_to_intra_is_counted(cohort):
-    # a threshold no fp16 embedding reaches: every try fails, every sample falls back
+def test_fallbacks_are_chosen_and_counted(cohort):
+    """A threshold no fp16 embedding reaches: every matcher call fails. `intra` falls back to two
+    augmentations of one crop; `best` takes the best-scoring candidate of all calls anyway; `retry`
+    keeps trying new partners for 100 calls, then takes the best."""
     ds = _dataset(cohort, score_threshold=1.0, max_retries=1, num_candidates=4)
     samples = [s for _, s in zip(range(3), ds)]
     assert all(s["kind"] == "intra" and s["tries"] == 2 for s in samples)
     st = ds.stats()
-    assert (st["fallbacks"], st["matcher_calls"], st["retries"], st["acceptance_rate"]) == (3, 6, 3, 0.0)
+    assert (st["fallback_intra"], st["fallback_best"], st["matcher_calls"], st["retries"],
+            st["acceptance_rate"]) == (3, 0, 6, 3, 0.0)
     assert ds.state_dict()["position"] == 3
+    best = _dataset(cohort, score_threshold=1.0, max_retries=1, num_candidates=4, fallback="best")
+    samples = [s for _, s in zip(range(3), best)]
+    assert all(s["kind"] == "best" and s["tries"] == 2 and s["anchor_case"] != s["query_case"] for s in samples)
+    assert all(0.5 < s["score"] < 1.0 for s in samples)  # oracle embeddings: a close match, below 1.0
+    st = best.stats()
+    assert (st["best"], st["fallback_best"], st["inter"], st["acceptance_rate"]) == (3, 3, 0, 0.0)
+    retry = _dataset(cohort, score_threshold=1.0, num_candidates=2, fallback="retry")
+    s = retry.sample(0)
+    assert (s["kind"], s["tries"]) == ("best", 100)
+    assert s["score"] >= samples[0]["score"] - 1e-6 or s["query_case"] != samples[0]["query_case"]
+    assert retry.sample(0)["score"] == s["score"]  # a pure function of (seed, rank, index)
+
+
+class _ScoredMatcher:
+    """Matches every point onto itself with fixed scores (the selection rule is what is tested)."""
+
+    def __init__(self, scores):
+        self.scores = np.asarray(scores, dtype=np.float32)
+
+    def match(self, query_case, key_case, points):
+        return np.asarray(points, dtype=np.float64), self.scores[:len(points)]
+
+
+def test_candidate_is_drawn_uniformly_among_those_that_pass(cohort):
+    """Of 8 candidates, 4 reach the threshold: each of those is chosen about equally often, never a
+    failing one, and the best-scoring one no more than the others."""
+    scores = [0.95, 0.72, 0.5, 0.8, 0.69, 0.99, 0.1, 0.3]  # passing at 0.7: 0, 1, 3, 5; best: 5
+    ids = sorted(cohort["cases"])
+    a, b = ids[0], ids[1]
+    ds = PairDataset(cohort["cache"], cohort["embed"], SamplerConfig(**FAST), seed=0, rank=0, world_size=1,
+                     matcher=_ScoredMatcher(scores))
+    centre = cohort["cases"][a]["affine"][:3, 3] + np.array([80.0, 70.0, 60.0])
+    points = centre + 9.0 * np.arange(8)[:, None] * np.array([[1.0, 0.0, 0.0]])  # 3 voxels apart along x
+    picks = []
+    for i in range(200):
+        s = ds.pair(a, points, key_case=b, index=i)
+        assert s["kind"] == "inter" and s["score"] >= 0.7
+        picks.append(int(np.argmin(np.linalg.norm(points - s["query_center_mm"].numpy(), axis=1))))
+    counts = np.bincount(picks, minlength=8)
+    assert counts[[2, 4, 6, 7]].sum() == 0 and (counts[[0, 1, 3, 5]] > 25).all(), counts  # 50 each expected
+
+
+def test_random_and_intra_pairing(cohort):
+    rnd = _dataset(cohort, pairing="random")
+    samples = [s for _, s in zip(range(4), rnd)]
+    assert all(s["kind"] == "random" and s["tries"] == 0 and s["anchor_case"] != s["query_case"] for s in samples)
+    assert rnd.stats()["random"] == 4 and rnd.stats()["matcher_calls"] == 0
+    intra = _dataset(cohort, pairing="intra")
+    samples = [s for _, s in zip(range(4), intra)]
+    assert all(s["kind"] == "intra" and s["anchor_case"] == s["query_case"] for s in samples)
+    assert all(torch.equal(s["query_center_mm"], s["anchor_center_mm"]) for s in samples)
+
+
+def test_clean_views_are_the_reconstruction_targets(cohort):
+    """Noised views come with their clean versions: the same rotation and intensity, no noise."""
+    plain = _dataset(cohort, embed=False, noise_std=0.1)  # FAST: no rotation, no intensity change
+    s = plain.sample(0)
+    crop = plain._window(plain._case(s["query_case"]), s["query_center_mm"].numpy())
+    assert torch.equal(s["query_target"], crop) and torch.equal(s["anchor_target"], crop)
+    inside = (crop > 0.2) & (crop < 0.8)  # away from the clip at 0 and 1
+    assert (s["query"] - crop)[inside].std().item() == pytest.approx(0.1, rel=0.05)
+    assert "query_target" not in _dataset(cohort, embed=False).sample(0)  # no noise: the view is the target
+    off = _dataset(cohort, embed=False, noise_std=0.1, rotation=15.0, augment=False).sample(0)
+    assert "query_target" not in off and torch.equal(off["query"], off["anchor"])  # augment off: nothing
 
 
 def test_bad_embeddings_are_skipped_then_fatal(cohort, tmp_path):
@@ -383,10 +450,11 @@ def test_device_augmentation_equals_worker_augmentation(cohort, embed):
     assert 0 < int(rotated.sum()) < 8  # rotation_prob 0.7: a batch with and without rotated views
     got = apply_device_augment(raw)
     assert set(got) == set(worker)
+    assert {"query_target", "anchor_target"} <= set(got)  # noised views: their clean targets too
     for k in worker:
-        if k in ("query", "anchor"):
+        if k in ("query", "anchor", "query_target", "anchor_target"):
             torch.testing.assert_close(got[k], worker[k], atol=1e-5, rtol=0)
-            assert (got[k] - raw[k]).abs().mean() > 0.03  # augmented, from the un-augmented crop
+            assert (got[k] - raw[k.split("_")[0]]).abs().mean() > 0.005  # augmented, from the un-augmented crop
         elif isinstance(worker[k], torch.Tensor):
             assert torch.equal(got[k], worker[k]), k
         else:

@@ -29,11 +29,12 @@ from alice_ds.losses.alice import (
 from alice_ds.models.swin import PRESETS as PRESET_FEATURE_SIZE  # preset name -> SwinUNETR feature size F
 from alice_ds.sampler.config import SamplerConfig
 
+CASA_VIEWS = ("within", "cross")
+CASA_QUERIES = ("student", "teacher")
 LR_SCALING_BATCH = 256
 """Linear scaling rule (Goyal et al. 2017, as in DINO): peak lr = lr * global_batch / 256."""
 MIN_LR_FRACTION = 0.02
-"""Default final lr of the cosine decay as a fraction of the peak (1e-6 at lr 5e-5 and a global
-batch of 256)."""
+"""Default final lr of the cosine decay as a fraction of the peak."""
 
 
 def _check(ok: bool, name: str, want: str, value) -> None:
@@ -63,6 +64,17 @@ class ModelConfig:
     """Attention heads of the CASA cross-attention block."""
     casa_ffn_dim: int = 2048
     """Hidden width of the CASA feed-forward block."""
+    casa: bool = True
+    """CASA aligns the patch tokens (on); off: the patch term compares the student's and the
+    teacher's encoder tokens at the same positions, without the alignment block (an ablation)."""
+    casa_views: str = "within"
+    """Decoder tokens CASA reads: `within` the query's own view (the official code) or the other
+    view, `cross` (the method's README: semantics matched between the views)."""
+    casa_queries: str = "teacher"
+    """Queries of the target branch: `teacher` (the teacher's unmasked encoder tokens) or `student`
+    (the student's masked ones, as the official code). With `student` both branches share queries
+    and CASA weights, and on the tiny preset every patch token took one prototype within 7 steps;
+    with `teacher` they spread over 2-13 (docs/experiments/2026-12-02-alice-monitors.md)."""
 
     def __post_init__(self):
         _check(self.preset in PRESET_FEATURE_SIZE, "model.preset", f"one of {sorted(PRESET_FEATURE_SIZE)}",
@@ -74,6 +86,9 @@ class ModelConfig:
         for name in ("out_dim", "patch_out_dim", "head_hidden_dim", "head_bottleneck_dim", "casa_heads",
                      "casa_ffn_dim"):
             _check(getattr(self, name) > 0, f"model.{name}", "positive", getattr(self, name))
+        _check(self.casa_views in CASA_VIEWS, "model.casa_views", f"one of {', '.join(CASA_VIEWS)}", self.casa_views)
+        _check(self.casa_queries in CASA_QUERIES, "model.casa_queries", f"one of {', '.join(CASA_QUERIES)}",
+               self.casa_queries)
 
 
 @dataclass
@@ -104,8 +119,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-5
-    """Base learning rate; the peak is lr * global_batch / 256 (linear scaling)."""
+    lr: float = 5e-4
+    """Base learning rate; the peak is lr * global_batch / 256 (linear scaling; DINO's base lr). At
+    8 GPUs x 8 the peak is 1.25e-4, whose cosine mean ~6e-5 is what the reference effectively ran;
+    the tiny preset's 0.064 (peak 5e-4 at a global batch of 2) was the best of an lr sweep on it
+    (docs/experiments/2026-12-02-alice-monitors.md)."""
     min_lr: float | None = None
     """Final lr of the cosine decay, below the peak; unset = 0.02 x the peak."""
     warmup_steps: int = 1000

@@ -1,6 +1,6 @@
 """The command line of `launch/train.py`, generated from the config tree: every field of every section
-is a flag of its own name (`--roi`, `--score_threshold`, `--lambdas 1 1 10`, `--use_v2` /
-`--no-use_v2`), its help is the field's docstring and its default the dataclass default, grouped by
+is a flag of its own name (`--roi`, `--score_threshold`, `--lambdas 1 1 10`, `--casa off`; a switch
+also as `--use_v2` / `--no-use_v2`), its help is the field's docstring and its default the dataclass default, grouped by
 section in `--help`. Flags override `--config` YAML, which overrides `--preset`, which overrides
 the defaults."""
 
@@ -49,9 +49,18 @@ def _flag_kwargs(hint, default) -> dict:
         args = typing.get_args(hint)
     if typing.get_origin(hint) is tuple:
         return {"type": args[0], "nargs": len(args), "metavar": "V"}
-    if hint is bool:
-        return {"action": argparse.BooleanOptionalAction}
+    if hint is bool:  # `--casa off`, `--casa on`, `--casa` (= on); `--no-casa` is added beside it
+        return {"type": on_off, "nargs": "?", "const": True, "metavar": "on|off"}
     return {"type": hint}
+
+
+def on_off(text: str) -> bool:
+    """argparse type of a switch: on/off (also true/false, yes/no, 1/0)."""
+    value = {"on": True, "true": True, "yes": True, "1": True,
+             "off": False, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,9 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default = _default(f)
             shown = "unset" if default is None else (" ".join(map(str, default)) if isinstance(default, tuple)
                                                     else default)
+            if isinstance(default, bool):
+                shown = "on" if default else "off"
             group.add_argument(f"--{f.name}", default=None, dest=f.name,
                                help=f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%"),
                                **_flag_kwargs(hints[f.name], default))
+            if hints[f.name] is bool:
+                group.add_argument(f"--no-{f.name}", action="store_false", dest=f.name, default=None,
+                                   help=argparse.SUPPRESS)
     # DeepSpeed's launcher appends --local_rank=<n>; the rank itself is read from the environment.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 

@@ -43,7 +43,7 @@ def flops_per_sample(model_cfg, loss_cfg, roi: int) -> int:
         batch.update({f"{v}_mask": torch.zeros(1, side, side, side, dtype=torch.bool) for v in VIEWS})
 
     def step():
-        module(batch, 0, update_centers=False)["loss"].backward()
+        module(batch, 0)["loss"].backward()
 
     return count_flops(step)
 

@@ -31,15 +31,16 @@ from alice_ds.engine.distenv import DistEnv
 from alice_ds.engine.ema import TeacherEMA
 from alice_ds.engine.faults import FAULT_ENV, Faults
 from alice_ds.engine.flops import device_peak_tflops, flops_per_sample
+from alice_ds.engine.monitors import MonitorWatch
 from alice_ds.engine.schedules import Schedules, StepValues
 from alice_ds.errors import UserError
 from alice_ds.files import atomic_write_text
+from alice_ds.losses.alice import MONITORS
 from alice_ds.method import AliceMetaArch
 from alice_ds.sampler import PairDataset, PairLoader, apply_device_augment
 
 LOSS_KEYS = ("loss", "cls", "patch", "recon")
 """Loss parts reduced over ranks every micro-batch and written to metrics.jsonl."""
-EXTRA_KEYS = ("teacher_entropy", "agreement")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Preemption signals: finish the step, checkpoint, exit 0."""
 VAL_SEED_OFFSET = 1_000_003
@@ -61,6 +62,11 @@ def _to_device(batch: dict, device, augment: bool) -> dict:
     views rotated and noised there from the parameters the workers drew."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     return apply_device_augment(batch) if augment else batch
+
+
+def _add_center_sums(acc: dict | None, sums: dict) -> dict:
+    """Teacher column sums and row counts of one micro-batch added to those of the step so far."""
+    return dict(sums) if acc is None else {k: acc[k] + sums[k] for k in acc}
 
 
 def _bf16_autocast(ds_config: dict) -> bool:
@@ -101,6 +107,7 @@ class Trainer:
         self.ema = TeacherEMA(self.module)
         self.augment_on_device = cfg.sampler.augment_on == "device"
         self.train_loader = self._loader("training", cfg.run.seed)
+        self.reduced_keys = LOSS_KEYS + MONITORS + (("casa_attn_ratio",) if cfg.model.casa else ())
         self.flops_per_sample = flops_per_sample(cfg.model, cfg.loss, cfg.sampler.roi)
         self.peak_tflops = device_peak_tflops(self.engine.device, _bf16_autocast(ds_config))
         self.step = 0
@@ -112,6 +119,7 @@ class Trainer:
         self._ds_skipped = 0  # DeepSpeed's count of optimizer steps it skipped (non-finite gradients)
         self._stop_signal: int | None = None
         self.faults = Faults(os.environ.get(FAULT_ENV, ""), self.rank)
+        self.watch = MonitorWatch(cfg.model.out_dim)
 
     # ---- setup ---------------------------------------------------------------------------------
     def _loader(self, split: str, seed: int) -> PairLoader:
@@ -139,8 +147,8 @@ class Trainer:
         v = self._set_optimizer(self.step)
         self.faults.at_step_start(self.step + 1)
         t0 = time.perf_counter()
-        sums = dict.fromkeys(LOSS_KEYS + EXTRA_KEYS, 0.0)
-        done, skipped, zero0 = 0, 0, None
+        sums = dict.fromkeys(self.reduced_keys, 0.0)
+        done, skipped, zero0, centers = 0, 0, None, None
         while done < self.cfg.run.grad_accum:
             # sample
             batch = _to_device(next(batches), self.engine.device, self.augment_on_device)
@@ -156,8 +164,11 @@ class Trainer:
                 zero0 = self._zero0_grad_norm()
             self.engine.step()
             done += 1
+            centers = _add_center_sums(centers, out["center_sums"])
             for k, x in reduced.items():
                 sums[k] += x / (self.world * self.cfg.run.grad_accum)
+        # loss centers: once per optimizer step, from its finite micro-batches (one all-reduce)
+        self.module.loss.update_centers(**centers)
         grad_norm, update_skipped = self._update_outcome(zero0)
         # EMA: fp32, on this rank's shards; a skipped update moved no student, so no teacher either
         if not update_skipped:
@@ -184,12 +195,12 @@ class Trainer:
         """The loss parts summed over ranks, or None when any rank's loss is not finite: then the
         micro-batch is skipped everywhere, warned and counted (a TrainingError after `max_nonfinite`
         in a row)."""
-        local = [float(out[k].detach()) for k in LOSS_KEYS + EXTRA_KEYS]
+        local = [float(out[k].detach()) for k in self.reduced_keys]
         bad = 0.0 if all(math.isfinite(x) for x in local[:len(LOSS_KEYS)]) else 1.0
         reduced = self._reduce([0.0 if bad else x for x in local] + [bad])
         if reduced[-1] == 0:
             self._nonfinite_in_row = 0
-            return dict(zip(LOSS_KEYS + EXTRA_KEYS, reduced))
+            return dict(zip(self.reduced_keys, reduced))
         self._nonfinite_in_row += 1
         self.nonfinite_total += 1
         if self.is_main:
@@ -273,8 +284,7 @@ class Trainer:
         self.engine.eval()
         total, n = 0.0, 0
         for batch, _ in zip(loader, range(self.cfg.run.val_batches)):
-            out = self.engine(_to_device(batch, self.engine.device, self.augment_on_device), self.step,
-                              update_centers=False)
+            out = self.engine(_to_device(batch, self.engine.device, self.augment_on_device), self.step)
             total += float(out["loss"].detach())
             n += 1
         self.engine.train()
@@ -318,7 +328,7 @@ class Trainer:
         if self.engine.monitor.enabled:
             self.engine.monitor.write_events(
                 [(f"Train/alice/{k}", float(metrics[k]), metrics["step"]) for k in
-                 LOSS_KEYS + EXTRA_KEYS + ("momentum", "samples_per_s", "tflops_per_device")])
+                 self.reduced_keys + ("momentum", "samples_per_s", "tflops_per_device")])
 
     def _print_start(self) -> None:
         c = self.cfg
@@ -345,6 +355,8 @@ class Trainer:
             task = bar.add_task("pretraining", total=cfg.num_steps, completed=self.step)
             while self.step < cfg.num_steps:
                 m = self.train_step(batches)
+                for message in self.watch.check(self.step, m) if self.is_main else ():
+                    warn(message)
                 if cfg.val_every and self.step % cfg.val_every == 0:
                     m["val_loss"] = self.validate()
                     if m["val_loss"] < self.best_val:

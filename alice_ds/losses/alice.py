@@ -2,16 +2,18 @@
 
 - cls: cross-view DINO cross-entropy H(softmax((t_q − c)/τt), log_softmax(s_v/τs)), averaged over
   ordered view pairs q ≠ v and over the batch;
-- patch: same-view CASA cross-entropy per token, H(softmax((casa_t − c₂)/τp), log_softmax(casa_s/τs)),
-  averaged over tokens (optionally weighted) and views;
-- recon: MSE between the student's reconstruction and the unmasked input, over masked voxels
-  (SimMIM-style, default) or all voxels (`recon_on="all"`, the reference code's choice);
+- patch: CASA cross-entropy per token, H(softmax((casa_t − c₂)/τp), log_softmax(casa_s/τs)),
+  averaged over tokens and views;
+- recon: MSE between the student's reconstruction and the clean view (augmented but not noised),
+  over masked voxels (SimMIM-style, default) or all voxels (`recon_on="all"`). The reference code
+  averages over all voxels and then halves the term: `recon_on="all"` with λ3 = 5 reproduces its
+  weight (its λ3 = 10 on a halved term);
 - total = λ1·cls + λ2·patch + λ3·recon.
 
 Centers follow DINO (Caron et al. 2021, eq. 4): c ← m·c + (1 − m)·mean of the *raw* teacher head
-outputs over the batch (all views, all ranks); c₂ likewise over all teacher CASA tokens (iBOT's
-patch center). They are updated after the loss is computed, so a step's loss uses the previous
-centers.
+outputs over the batch (all views, all ranks); c₂ likewise over all teacher patch tokens (iBOT's
+patch center). `forward` only returns the column sums; the trainer applies them once per optimizer
+step from the finite micro-batches (`update_centers`), so a step's loss uses the previous centers.
 """
 
 from __future__ import annotations
@@ -95,18 +97,19 @@ class AliceLoss(nn.Module):
                 warmup_temp(step, self.warmup_teacher_patch_temp, self.teacher_patch_temp, n))
 
     def forward(self, student_cls, teacher_cls, student_patch, teacher_patch, recon, target, masks,
-                step: int, patch_weights=None, update_centers: bool = True) -> dict:
+                step: int) -> dict:
         """One entry per view in every list: `student_cls`/`teacher_cls` [B, K] head logits,
-        `student_patch`/`teacher_patch` [B, L, Kp] CASA token logits, `recon`/`target`
-        [B, 1, X, Y, Z], `masks` [B, X/2, Y/2, Z/2] (1 = masked; may be None with recon_on="all"),
-        `patch_weights` optional [B, L] token weights (e.g. 1 on masked tokens only)."""
+        `student_patch`/`teacher_patch` [B, L, Kp] patch token logits, `recon`/`target`
+        [B, 1, X, Y, Z], `masks` [B, X/2, Y/2, Z/2] (1 = masked; may be None with recon_on="all").
+
+        Returns the loss and its parts, the monitors (`MONITORS`) and the teacher column sums the
+        centers are updated from (`center_sums`: `update_centers` applies them once per optimizer
+        step, so a micro-batch that is later skipped never moves them)."""
         nv = len(student_cls)
         lists = dict(teacher_cls=teacher_cls, student_patch=student_patch,
                      teacher_patch=teacher_patch, recon=recon, target=target)
         if masks is not None:
             lists["masks"] = masks
-        if patch_weights is not None:
-            lists["patch_weights"] = patch_weights
         for name, lst in lists.items():
             if len(lst) != nv:
                 raise ValueError(f"{name} has {len(lst)} views, student_cls has {nv}")
@@ -133,19 +136,13 @@ class AliceLoss(nn.Module):
         loss_cls = torch.stack(cls_terms).mean()
 
         patch_terms = []
-        n_tokens = 0
         for v in range(nv):
             bsz, ntok, _ = student_patch[v].shape
             rows = centered_cross_entropy(
                 student_patch[v].reshape(bsz * ntok, kp),           # [B, L, Kp] -> [B·L, Kp]
                 teacher_patch[v].detach().reshape(bsz * ntok, kp),
                 self.center2, self.student_temp, tp, teacher_sum=patch_sum)
-            n_tokens += bsz * ntok
-            if patch_weights is None:
-                patch_terms.append(rows.mean())
-            else:
-                w = patch_weights[v].detach().reshape(-1).float()  # [B, L] -> [B·L]
-                patch_terms.append((rows * w).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny))
+            patch_terms.append(rows.mean())
         loss_patch = torch.stack(patch_terms).mean()
 
         recon_terms = []
@@ -156,21 +153,53 @@ class AliceLoss(nn.Module):
 
         l1, l2, l3 = self.lambdas
         loss = l1 * loss_cls + l2 * loss_patch + l3 * loss_recon
-
         with torch.no_grad():
-            t_all = torch.cat([t.detach().float() for t in teacher_cls])  # [V·B, K]
-            logits_t = (t_all - self.center) / tt
-            entropy = -(F.softmax(logits_t, -1) * F.log_softmax(logits_t, -1)).sum(-1).mean()
-            hits = [(student_cls[v].detach().argmax(-1) == logits_t.view(nv, -1, k)[q].argmax(-1))
+            t_cls = torch.cat([t.detach().float() for t in teacher_cls])  # [V·B, K]
+            t_patch = torch.cat([t.detach().float().reshape(-1, kp) for t in teacher_patch])  # [V·B·L, Kp]
+            monitors = {**_teacher_monitors("cls", t_cls, self.center, tt, loss_cls),
+                        **_teacher_monitors("patch", t_patch, self.center2, tp, loss_patch)}
+            logits_t = ((t_cls - self.center) / tt).view(nv, -1, k)
+            hits = [(student_cls[v].detach().argmax(-1) == logits_t[q].argmax(-1))
                     for q in range(nv) for v in range(nv) if v != q]
-            agreement = torch.cat(hits).float().mean()
-            if update_centers:
-                m = self.center_momentum
-                batch_cls = all_reduce_mean(cls_sum / t_all.shape[0])           # [K]
-                batch_patch = all_reduce_mean(patch_sum / n_tokens)             # [Kp]
-                self.center.mul_(m).add_(batch_cls.to(self.center.dtype)[None], alpha=1 - m)
-                self.center2.mul_(m).add_(batch_patch.to(self.center2.dtype)[None], alpha=1 - m)
-
+            monitors["agreement"] = torch.cat(hits).float().mean()
         return {"loss": loss, "cls": loss_cls.detach(), "patch": loss_patch.detach(),
-                "recon": loss_recon.detach(), "teacher_entropy": entropy, "agreement": agreement,
-                "teacher_temp": tt, "teacher_patch_temp": tp}
+                "recon": loss_recon.detach(), **monitors, "teacher_temp": tt, "teacher_patch_temp": tp,
+                "center_sums": {"cls_sum": cls_sum, "cls_rows": t_cls.shape[0], "patch_sum": patch_sum,
+                                "patch_rows": t_patch.shape[0]}}
+
+    @torch.no_grad()
+    def update_centers(self, cls_sum: torch.Tensor, cls_rows: float, patch_sum: torch.Tensor,
+                       patch_rows: float) -> None:
+        """c <- m·c + (1 - m)·(batch mean of the raw teacher outputs), over every rank (one
+        all-reduce): `*_sum` are column sums of raw teacher logits over `*_rows` rows (tokens for the
+        patch center), accumulated over the finite micro-batches of one optimizer step."""
+        k = cls_sum.numel()
+        dev = self.center.device
+        stats = torch.cat([cls_sum.float().to(dev), torch.tensor([float(cls_rows)], device=dev),
+                           patch_sum.float().to(dev), torch.tensor([float(patch_rows)], device=dev)])
+        stats = all_reduce_mean(stats)  # [K + 1 + Kp + 1]: a mean of sums over the mean of counts
+        m = self.center_momentum
+        self.center.mul_(m).add_((stats[:k] / stats[k])[None], alpha=1 - m)
+        self.center2.mul_(m).add_((stats[k + 1:-1] / stats[-1])[None], alpha=1 - m)
+
+
+MONITORS = ("cls_batch_entropy", "cls_distinct", "cls_kl", "patch_batch_entropy", "patch_distinct", "patch_kl",
+            "agreement")
+"""Collapse and learning monitors (reduced over ranks each micro-batch; `metrics.jsonl`):
+`<term>_batch_entropy`: entropy (nats) of the batch-mean teacher distribution, log K when the batch
+uses every prototype alike, 0 when every row picks the same one (collapse); `<term>_distinct`: how
+many prototypes are some row's (token's) teacher argmax; `<term>_kl`: KL(teacher || student), the
+term's loss minus the teacher's own entropy (at τt ≈ 0.01 the teacher is near one-hot, so its
+per-row entropy is ~0 and says nothing); `agreement`: fraction of cross-view cls rows whose student
+and teacher argmaxes agree."""
+
+
+def _teacher_monitors(term: str, teacher: torch.Tensor, center: torch.Tensor, temp: float,
+                      loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """teacher [N, K] raw logits -> the `MONITORS` of one term (see there)."""
+    p = F.softmax((teacher - center) / temp, dim=-1)  # [N, K]
+    mean = p.mean(0)  # [K]
+    row_entropy = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1).mean()
+    return {f"{term}_batch_entropy": -(mean * torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))).sum(),
+            f"{term}_distinct": torch.zeros(p.shape[-1], device=p.device).scatter_(0, p.argmax(-1), 1.0).sum(),
+            f"{term}_kl": loss.detach() - row_entropy}

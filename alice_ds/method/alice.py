@@ -49,7 +49,9 @@ class AliceMetaArch(nn.Module):
         self.teacher = copy.deepcopy(self.student)  # initialised equal to the student
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.casa = CASA(head.in_dim, num_heads=model_cfg.casa_heads, ffn_dim=model_cfg.casa_ffn_dim)
+        self.cfg = model_cfg
+        self.casa = (CASA(head.in_dim, num_heads=model_cfg.casa_heads, ffn_dim=model_cfg.casa_ffn_dim)
+                     if model_cfg.casa else None)
         self.loss = AliceLoss(model_cfg.out_dim, model_cfg.patch_out_dim, student_temp=loss_cfg.student_temp,
                               teacher_temp=loss_cfg.teacher_temp,
                               warmup_teacher_temp=loss_cfg.warmup_teacher_temp,
@@ -65,30 +67,52 @@ class AliceMetaArch(nn.Module):
         self.teacher.eval()
         return self
 
-    def forward(self, batch: dict, step: int, update_centers: bool = True) -> dict:
+    def forward(self, batch: dict, step: int) -> dict:
         """`batch`: the pair sampler's collated dict (`query`, `anchor` [B, 1, R, R, R] in [0, 1];
-        `query_mask`, `anchor_mask` bool [B, R/2, R/2, R/2], True = masked). `step` drives the
-        teacher temperature warmup. `update_centers=False` for validation (the centers are state)."""
+        `query_mask`, `anchor_mask` bool [B, R/2, R/2, R/2], True = masked; optional `query_target`,
+        `anchor_target`: the clean views the reconstruction aims at, else the views themselves).
+        `step` drives the teacher temperature warmup. Returns `AliceLoss`'s dict plus
+        `casa_attn_ratio` (with CASA on)."""
         views = [batch[v] for v in VIEWS]
         masks = [batch[f"{v}_mask"] for v in VIEWS]
+        targets = [batch.get(f"{v}_target", x) for v, x in zip(VIEWS, views)]
         s_head, t_head = self.student.head, self.teacher.head
 
         with torch.no_grad():  # teacher: unmasked views, never differentiated
             t_out = [self.teacher.backbone(x, None) for x in views]
             t_cls = [t_head.forward_cls(o.global_feat) for o in t_out]              # [B, K]
-            t_kv = [t_head.embed_dec(o.dec_tokens) for o in t_out]                  # [B, L8, D]
 
         s_out = [self.student.backbone(x, m) for x, m in zip(views, masks)]
         s_cls = [s_head.forward_cls(o.global_feat) for o in s_out]                  # [B, K]
-        queries = [s_head.embed_enc(o.enc_tokens) for o in s_out]                   # [B, L16, D]
-        s_kv = [s_head.embed_dec(o.dec_tokens) for o in s_out]                      # [B, L8, D]
-        # CASA: same weights; keys/values from the student (aligned tokens) or the teacher (target)
-        s_patch = [s_head.forward_patch(self.casa(q, kv)) for q, kv in zip(queries, s_kv)]  # [B, L16, Kp]
-        with torch.no_grad():
-            t_patch = [t_head.forward_patch(self.casa(q.detach(), kv)) for q, kv in zip(queries, t_kv)]
+        s_patch, t_patch, extra = self._patch_logits(s_out, t_out)                  # [B, L16, Kp] each
+        out = self.loss(s_cls, t_cls, s_patch, t_patch, recon=[o.recon for o in s_out], target=targets,
+                        masks=masks, step=step)
+        return {**out, **extra}
 
-        return self.loss(s_cls, t_cls, s_patch, t_patch, recon=[o.recon for o in s_out], target=views,
-                         masks=masks, step=step, update_centers=update_centers)
+    def _patch_logits(self, s_out, t_out) -> tuple[list, list, dict]:
+        """Student and target patch logits per view (the patch term compares them token by token).
+        CASA (DESIGN §4.5): the student's masked encoder tokens query decoder tokens: the student's
+        own (the aligned tokens) or the teacher's (the target), same CASA weights; `casa_views`
+        `cross` reads the other view's decoder tokens; `casa_queries` `teacher` gives the target
+        branch the teacher's unmasked encoder tokens as queries. Without CASA the student's encoder
+        tokens are compared with the teacher's at the same positions."""
+        s_head, t_head, cfg = self.student.head, self.teacher.head, self.cfg
+        queries = [s_head.embed_enc(o.enc_tokens) for o in s_out]                   # [B, L16, D]
+        with torch.no_grad():
+            t_queries = ([t_head.embed_enc(o.enc_tokens) for o in t_out] if cfg.casa_queries == "teacher"
+                         or not cfg.casa else [q.detach() for q in queries])
+        if not cfg.casa:
+            with torch.no_grad():
+                t_patch = [t_head.forward_patch(q) for q in t_queries]
+            return [s_head.forward_patch(q) for q in queries], t_patch, {}
+        kv_view = [len(queries) - 1 - v if cfg.casa_views == "cross" else v for v in range(len(queries))]
+        s_kv = [s_head.embed_dec(o.dec_tokens) for o in s_out]                       # [B, L8, D]
+        aligned = [self.casa(q, s_kv[kv_view[v]], return_attn_ratio=True) for v, q in enumerate(queries)]
+        with torch.no_grad():
+            t_kv = [t_head.embed_dec(o.dec_tokens) for o in t_out]
+            t_patch = [t_head.forward_patch(self.casa(q, t_kv[kv_view[v]])) for v, q in enumerate(t_queries)]
+        ratio = torch.stack([r for _, r in aligned]).mean()
+        return [s_head.forward_patch(a) for a, _ in aligned], t_patch, {"casa_attn_ratio": ratio}
 
     def param_groups(self) -> list[dict]:
         """AdamW groups over student + CASA: no weight decay on biases, norms and other 1-D (or

@@ -48,14 +48,21 @@ class CASA(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, L, H*dk] -> [B, H, L, dk]
 
-    def forward(self, query: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """query [B, Lq, D], kv [B, Lk, D] -> [B, Lq, D]."""
+    def forward(self, query: torch.Tensor, kv: torch.Tensor, return_attn_ratio: bool = False):
+        """query [B, Lq, D], kv [B, Lk, D] -> [B, Lq, D]; with `return_attn_ratio` also the mean over
+        tokens of |attention output| / |query| (detached): how much the block adds to the queries it
+        passes on through its residual path (0: it ignores kv)."""
         if query.shape[0] != kv.shape[0] or query.shape[-1] != kv.shape[-1]:
             raise ValueError(f"query and kv must share batch and width, got {tuple(query.shape)} and {tuple(kv.shape)}")
         b, lq, _ = query.shape
         attn = F.scaled_dot_product_attention(
             self._heads(self.q_proj(query)), self._heads(self.k_proj(kv)), self._heads(self.v_proj(kv)),
             dropout_p=self.dropout if self.training else 0.0)  # [B, H, Lq, dv]
-        attn = attn.transpose(1, 2).reshape(b, lq, -1)  # [B, H, Lq, dv] -> [B, Lq, H*dv]
-        h = self.norm1(query + self.drop(self.out_proj(attn)))
-        return self.norm2(h + self.drop(self.ffn(h)))
+        attn = self.out_proj(attn.transpose(1, 2).reshape(b, lq, -1))  # [B, H, Lq, dv] -> [B, Lq, D]
+        h = self.norm1(query + self.drop(attn))
+        out = self.norm2(h + self.drop(self.ffn(h)))
+        if not return_attn_ratio:
+            return out
+        with torch.no_grad():
+            ratio = (attn.float().norm(dim=-1) / query.float().norm(dim=-1).clamp_min(1e-12)).mean()
+        return out, ratio

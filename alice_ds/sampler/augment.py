@@ -142,32 +142,43 @@ class ViewAugment:
         return self.apply(view, self.draw(rng))
 
     @staticmethod
-    def apply(view: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    def apply(view: torch.Tensor, params: AugmentParams, with_clean: bool = False):
         """Apply one view's drawn parameters, on the CPU: rotation (skipped for the identity), noise
         from a CPU generator seeded by `noise_seed`, `v * (1 + scale)`, `v + shift`, clip to [0, 1].
-        The input is not modified; it is returned as is when no transform applies."""
-        out = view
+        With `with_clean`, returns (augmented, clean): the clean view is the same without the
+        noise (what the reconstruction aims at: noise cannot be predicted). The input is not
+        modified; it is returned as is when no transform applies."""
+        rotated = view
         if not torch.equal(params["rot"], torch.eye(3, dtype=params["rot"].dtype)):
-            out = _rotate_by(out, params["rot"])
+            rotated = _rotate_by(view, params["rot"])
         std = float(params["noise_std"])
+        noisy = rotated
         if std > 0:
             gen = torch.Generator().manual_seed(int(params["noise_seed"]))
-            noise = torch.randn(out.shape, generator=gen)  # [1, X, Y, Z]
-            out = noise.mul_(std).add_(out)
+            noisy = torch.randn(view.shape, generator=gen).mul_(std).add_(rotated)  # [1, X, Y, Z]
         factor, offset = float(params["scale"]), float(params["shift"])
-        if factor != 0:
-            out = out * (1 + factor)
-        if offset != 0:
-            out = out + offset
-        if out is view:  # nothing applied (all disabled, or no rotation drawn and no noise)
-            return view  # already in [0, 1]; a copy would cost ~1 ms at 96^3
-        return out.clamp_(0.0, 1.0)
+        out = _intensity(noisy, factor, offset, view)
+        if not with_clean:
+            return out
+        return out, (_intensity(rotated, factor, offset, view) if std > 0 else out)
 
 
-def augment_batch(views: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+def _intensity(x: torch.Tensor, factor: float, offset: float, original: torch.Tensor) -> torch.Tensor:
+    """`x * (1 + factor) + offset` clipped to [0, 1]; `original` itself when nothing changed it (it is
+    in [0, 1] already; a copy would cost ~1 ms at 96^3). `x` may be clipped in place: it is either
+    `original` (then untouched) or a tensor made by the augmentation."""
+    if factor != 0:
+        x = x * (1 + factor)
+    if offset != 0:
+        x = x + offset
+    return original if x is original else x.clamp_(0.0, 1.0)
+
+
+def augment_batch(views: torch.Tensor, params: AugmentParams, with_clean: bool = False):
     """`ViewAugment.apply` of every view of a batch, on the views' device: views float32
     `[B, 1, X, Y, Z]` in [0, 1], params collated (`rot` [B, 3, 3], the others [B]) on any device ->
-    new float32 `[B, 1, X, Y, Z]` in [0, 1]; the input is not modified.
+    new float32 `[B, 1, X, Y, Z]` in [0, 1] (and the clean views, without noise, with
+    `with_clean`); the input is not modified.
 
     Same order as `apply`: the rotated views (rot != identity) resampled by ONE `grid_sample` (grid
     built as `rotate` does), noise per view from a `torch.Generator` on the views' device seeded by
@@ -184,29 +195,34 @@ def augment_batch(views: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     if missing or bad:
         raise ValueError(f"augmentation params need keys {PARAM_KEYS} with a leading batch dim {b}; "
                          f"missing {missing}, wrong shape {[(k, tuple(params[k].shape)) for k in bad]}")
-    out = views.clone()
+    rotated = views.clone()
     rot = params["rot"].to(dev, torch.float64)  # [B, 3, 3]
     turned = (rot != torch.eye(3, dtype=torch.float64, device=dev)).flatten(1).any(1).nonzero()[:, 0]  # [b']
     if len(turned):
         grid = _rotation_grid(rot[turned], views.shape[2:])  # [b', X, Y, Z, 3]
-        out[turned] = F.grid_sample(views[turned], grid, mode="bilinear", padding_mode="zeros",
-                                    align_corners=False)
+        rotated[turned] = F.grid_sample(views[turned], grid, mode="bilinear", padding_mode="zeros",
+                                        align_corners=False)
     stds, seeds = params["noise_std"].tolist(), params["noise_seed"].tolist()  # one small copy to host
+    noisy = rotated.clone() if any(s > 0 for s in stds) else rotated
     for i in range(b):
         if stds[i] > 0:
             gen = torch.Generator(device=dev).manual_seed(int(seeds[i]))
             noise = torch.randn(views.shape[1:], generator=gen, device=dev)  # [1, X, Y, Z]
-            out[i] = noise.mul_(stds[i]).add_(out[i])
+            noisy[i] = noise.mul_(stds[i]).add_(rotated[i])
     shape = (b, 1, 1, 1, 1)
-    out = out * (1 + params["scale"].to(dev, torch.float64)).float().view(shape)  # f = 0: exact identity
-    out = out + params["shift"].to(dev, torch.float64).float().view(shape)
-    return out.clamp_(0.0, 1.0)
+    factor = (1 + params["scale"].to(dev, torch.float64)).float().view(shape)  # f = 0: exact identity
+    offset = params["shift"].to(dev, torch.float64).float().view(shape)
+    out = (noisy * factor + offset).clamp_(0.0, 1.0)
+    if not with_clean:
+        return out
+    return out, ((rotated * factor + offset).clamp_(0.0, 1.0) if noisy is not rotated else out)
 
 
 def apply_device_augment(batch: dict) -> dict:
     """A collated batch of `augment_on="device"` samples, already on the training device -> the
     same dict with `query`/`anchor` augmented there (`augment_batch`: one batched grid_sample, noise
-    from per-view device generators) and the `<view>_aug_*` keys removed. The one call the trainer
+    from per-view device generators), `<view>_target` (the clean views) when the views are noised,
+    and the `<view>_aug_*` keys removed. The one call the trainer
     makes between moving the batch and the forward, before any cast of the batch to a lower
     precision (`rot` is float64; a bf16 rotation matrix moves edge voxels by ~0.1 voxel at 96^3); an
     error when the keys are absent (a sampler with `augment_on="worker"` already augmented its
@@ -219,5 +235,8 @@ def apply_device_augment(batch: dict) -> dict:
             raise ValueError(f"apply_device_augment: batch lacks {missing}; it needs a PairDataset with "
                              f"augment_on='device' (keys present: {sorted(batch)})")
         params = {k: out.pop(f"{v}_aug_{k}") for k in PARAM_KEYS}
-        out[v] = augment_batch(out[v], params)
+        if bool((params["noise_std"] > 0).any()):  # noisy views: the clean ones are the recon targets
+            out[v], out[f"{v}_target"] = augment_batch(out[v], params, with_clean=True)
+        else:
+            out[v] = augment_batch(out[v], params)
     return out

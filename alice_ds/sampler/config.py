@@ -12,6 +12,10 @@ from alice_ds.models.swin import PATCH_SIZE, SIDE_DIVISOR
 from alice_ds.sam import DEFAULT_CANDIDATES
 
 AUGMENT_ON = ("auto", "worker", "device")
+PAIRINGS = ("sam", "random", "intra")
+FALLBACKS = ("intra", "best", "retry")
+RETRY_CALLS = 100
+"""Matcher calls of `fallback: retry` before it takes the best match anyway (the reference's bound)."""
 
 
 @dataclass
@@ -30,10 +34,20 @@ class SamplerConfig:
     """Exact fraction of the backbone's patch tokens hidden from the student, per view."""
     mask_block: int = 16
     """Edge of a mask block in voxels; a multiple of the backbone's patch size (2)."""
+    pairing: str = "sam"
+    """How the anchor view is found: `sam` (the query point's SAM match in another case), `random`
+    (a random body point of a random other case) or `intra` (a second augmentation of the query
+    crop); the last two are ablations."""
     num_candidates: int = 32
-    """Query points of case A scored together in one matcher call."""
+    """Query points of case A scored together in one matcher call; one is chosen uniformly among
+    those whose match reaches score_threshold (the best-scoring one would favour the most matchable
+    anatomy)."""
     score_threshold: float = 0.7
     """Minimum match score, (cos_fine + cos_coarse) / 2, for an inter pair (paper code: 0.7)."""
+    fallback: str = "intra"
+    """When no candidate passes in 1 + max_retries matcher calls: `intra` (two augmentations of one
+    crop of A), `best` (the best-scoring match anyway, as the reference does) or `retry` (new partners
+    until one passes, at most 100 calls, then the best match)."""
     match_window: int = 8
     """Edge of the matcher's fine-search window in fine voxels (4 mm each): 32 mm. The matcher's
     own default (`alice_ds.sam.DEFAULT_WINDOW`) is wider, for landmark accuracy; here the window's
@@ -44,6 +58,8 @@ class SamplerConfig:
     """Coarse voxels whose fine windows the matcher searches (1 = the coarse argmax alone)."""
     max_retries: int = 3
     """Extra matcher calls (new partner, new candidates) before falling back to an intra pair."""
+    augment: bool = True
+    """Rotate, noise and rescale the views (off: none of them, whatever their magnitudes)."""
     rotation: float = 15.0
     """Maximum rotation about each axis in degrees (0 disables)."""
     rotation_prob: float = 1.0
@@ -79,6 +95,8 @@ class SamplerConfig:
             (self.mask_block > 0 and self.mask_block % PATCH_SIZE == 0, "mask_block",
              f"a positive multiple of the patch size {PATCH_SIZE}"),
             (self.num_candidates >= 1, "num_candidates", ">= 1"),
+            (self.pairing in PAIRINGS, "pairing", f"one of {', '.join(PAIRINGS)}"),
+            (self.fallback in FALLBACKS, "fallback", f"one of {', '.join(FALLBACKS)}"),
             (-1.0 <= self.score_threshold <= 1.0, "score_threshold", "in [-1, 1] (a cosine similarity)"),
             (self.match_window >= 1, "match_window", ">= 1 fine voxel"),
             (self.match_candidates >= 1, "match_candidates", ">= 1"),

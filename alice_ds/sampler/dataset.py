@@ -1,29 +1,20 @@
-"""SAM-conditioned pair sampler (DESIGN §4 steps 1-3): the loader that crafts Alice's two views.
+"""SAM-conditioned pair sampler (DESIGN §4 steps 1-3): the stream of samples Alice trains on.
 
-For a query case A (this rank's shard of the epoch) K candidate points are drawn inside A's body and
-matched into a random partner case B != A with ONE `Matcher.match` call; the best candidate whose
-score (mean of fine and coarse cosine similarity) reaches the threshold becomes the pair: a crop
-around it in A (the *query* view) and one around its match in B (the *anchor* view). When no
-candidate reaches the threshold, a new partner and new candidates are tried, up to `max_retries`
-times; then the sample falls back to *intra*: two augmentations of one crop of A (counted).
-`embed_dir=None` makes every sample intra (ablations, smoke tests of the engine).
+For a query case A (this rank's shard of the epoch) `num_candidates` points are drawn inside A's
+body and matched into a random partner case B != A with ONE `Matcher.match` call; one candidate is
+drawn uniformly among those whose score (mean of fine and coarse cosine) reaches the threshold: a
+crop around it in A is the *query* view, a crop around its match in B the *anchor* view. When none
+passes, new partners and candidates are tried (`max_retries`), then the `fallback` decides (an intra
+pair, or the best match anyway; counted). `pairing` `random` / `intra` and `embed_dir=None` are the
+ablations without SAM. Views are augmented in the worker or, with `augment_on="device"`, the
+worker ships the drawn parameters and `apply_device_augment` applies them on the training device.
 
-Augmentation runs where `SamplerConfig.augment_on` says: in the worker (each view augmented on the CPU,
-~28 ms of one core per 96^3 view) or on the training device: the worker draws the same parameters
-from the same generator and ships them with the un-augmented crops; the trainer calls
-`apply_device_augment(batch)` once the batch is on its device (one batched `grid_sample`).
-
-Reproducibility. Sample n of rank r's stream (n counts from 0 over all epochs) is a pure function of
-(seed, r, n) and the data: its query case comes from a per-epoch permutation seeded by (seed, epoch),
-every random draw (candidates, partner, augmentation, masks) from a generator seeded by
-(seed, r, n). The DataLoader worker that makes sample n is itself a function of n (batches go to
-workers round-robin), so the stream is the same for any number of workers, and resuming is setting
-n. Use `PairLoader` to iterate with workers: it keeps the main process's copy of the position and
-the counters up to date.
-
-Sharding. Each epoch the valid cases are permuted (same permutation on every rank) and cut into
-`world_size` disjoint, equal shards (the remainder of `num_cases % world_size` sits out that
-epoch), so every rank runs the same number of steps.
+Reproducibility. Sample n of rank r's stream is a pure function of (seed, r, n) and the data: its
+query case comes from a per-epoch permutation seeded by (seed, epoch), every random draw from a
+generator seeded by (seed, r, n). Batches go to DataLoader workers round-robin, so the stream is the
+same for any number of workers and resuming is setting n (`PairLoader` keeps the position).
+Sharding: each epoch the valid cases are permuted (the same permutation on every rank) and cut into
+`world_size` disjoint, equal shards (the remainder sits out that epoch).
 """
 
 from __future__ import annotations
@@ -37,17 +28,18 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from alice_ds import dist
-from alice_ds.console import progress, warn
+from alice_ds.console import warn
 from alice_ds.data.cache import body_voxels, hu_window, list_cases, open_case
-from alice_ds.errors import DataError, UserError
-from alice_ds.sam.io import open_embedding
+from alice_ds.errors import UserError
 from alice_ds.sam.matcher import Matcher
 from alice_ds.sampler.augment import ViewAugment
-from alice_ds.sampler.config import SamplerConfig
+from alice_ds.sampler.cases import usable_cases
+from alice_ds.sampler.config import RETRY_CALLS, SamplerConfig
 from alice_ds.sampler.loader import tune_worker_allocator
 from alice_ds.sampler.masks import block_mask
 from alice_ds.views import VIEWS
 
+COUNTERS = ("samples", "inter", "best", "intra", "random", "fallback_intra", "fallback_best", "matcher_calls")
 OPEN_CASES = 64
 """Cached volumes kept open (memory maps) per process; a map holds a file descriptor."""
 
@@ -55,22 +47,18 @@ OPEN_CASES = 64
 class PairDataset(IterableDataset):
     """Infinite (or `epochs`-long) stream of Alice pair samples for one rank; see the module doc.
 
-    Each sample is a dict (docs/interfaces.md): `query`, `anchor` float32 [1, R, R, R] in [0, 1];
-    `query_mask`, `anchor_mask` bool [R/p]^3 (True = masked); `score` float (1.0 for intra: the same
-    anatomy); `query_center_mm`, `anchor_center_mm` float64 [3] (world mm of the crops' centre
-    voxels); `query_case`, `anchor_case` str; `kind` "inter" | "intra"; `tries` int (matcher calls
-    made for the sample, 0 without embeddings); `index` int (position in the rank's stream).
-
-    With `config.augment_on="device"`, `query`/`anchor` are the un-augmented crops and each view's
-    drawn augmentation comes along (`alice_ds.sampler.augment.AugmentParams`): `<view>_aug_rot`
-    float64 [3, 3] (identity = not rotated), `<view>_aug_noise_seed` int64, `<view>_aug_noise_std`,
-    `<view>_aug_scale`, `<view>_aug_shift` float64 (0 = off), for view in query, anchor;
-    `apply_device_augment` turns a collated batch of these into augmented views.
+    Each sample is a dict (docs/interfaces.md "Pair sampler"): `query`, `anchor` float32
+    [1, R, R, R] in [0, 1]; `query_target`, `anchor_target` (the clean views, without noise) when
+    views are noised; `query_mask`, `anchor_mask` bool [R/2]^3 (True = masked); `score` float (1.0
+    for intra, 0.0 for random); `query_center_mm`, `anchor_center_mm` float64 [3] (world mm of the
+    crops' centres); `query_case`, `anchor_case` str; `kind` "inter" | "best" | "intra" | "random";
+    `tries` int (matcher calls); `index` int (position in the rank's stream). With
+    `augment_on="device"` the views are un-augmented crops and `<view>_aug_*` carry the drawn
+    parameters (`alice_ds.sampler.augment.AugmentParams`) for `apply_device_augment`.
 
     `cases` restricts the sampler to those ids (a datalist split); `rank`/`world_size` default to
     the process group; `epochs=None` streams forever; `matcher` is anything with the
-    `Matcher.match` signature (default: `Matcher(embed_dir, window=config.match_window,
-    candidates=config.match_candidates)`, built
+    `Matcher.match` signature (default: a `Matcher` with the config's window and candidates, built
     lazily in each worker).
     """
 
@@ -92,8 +80,9 @@ class PairDataset(IterableDataset):
         self.epochs = epochs
         self.batch_block = 1  # consecutive samples one worker makes; PairLoader sets the batch size
         self._matcher = matcher
-        self.skipped: dict[str, str] = {}
-        self.cases = self._valid_cases(list_cases(cache_dir) if cases is None else list(cases))
+        ids = list_cases(cache_dir) if cases is None else list(cases)
+        self.cases, self.skipped = usable_cases(cache_dir, embed_dir, ids, self.config.max_bad_fraction,
+                                                show=self.rank == 0)
         self._case_pos = {cid: i for i, cid in enumerate(self.cases)}
         self.shard_size = len(self.cases) // self.world_size
         if self.shard_size < 1:
@@ -101,45 +90,14 @@ class PairDataset(IterableDataset):
                             f"world_size={self.world_size} ranks")
         self.samples_per_epoch = self.shard_size * self.config.samples_per_case
         self._next = 0  # stream index of the next sample this process hands out
-        self._counts = dict(samples=0, inter=0, intra=0, fallbacks=0, matcher_calls=0, score_sum=0.0)
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        self._counts["score_sum"] = 0.0
         self._open: OrderedDict = OrderedDict()
         self._body: dict[str, np.ndarray] = {}
         self._augment = None
         self._perm_cache: tuple[int, list[str]] | None = None
 
     # ---- setup ---------------------------------------------------------------------------------
-    def _valid_cases(self, ids: list[str]) -> list[str]:
-        if not ids:
-            raise UserError(f"{self.cache_dir}: no cached cases (run `alice-ds preprocess` first)")
-        valid = []
-        with progress(disable=self.rank != 0, transient=True) as bar:
-            task = bar.add_task("checking cases and embeddings", total=len(ids))
-            for cid in ids:
-                bar.advance(task)
-                try:
-                    case = open_case(self.cache_dir, cid)
-                except DataError as e:
-                    self.skipped[cid] = str(e)
-                    continue
-                problem = None if self.embed_dir is None else _embedding_problem(self.embed_dir, case)
-                if problem is None:
-                    valid.append(cid)
-                else:
-                    self.skipped[cid] = problem
-        for cid, why in self.skipped.items():
-            warn(f"pair sampler skips case {cid}: {why}")
-        bad = len(self.skipped) / len(ids)
-        if bad > self.config.max_bad_fraction:
-            first = next(iter(self.skipped.items()))
-            where = self.embed_dir if self.embed_dir is not None else self.cache_dir
-            raise DataError(where, f"{len(self.skipped)} of {len(ids)} cases are unusable ({bad:.0%} > "
-                                   f"max_bad_fraction={self.config.max_bad_fraction:.0%}); first: "
-                                   f"{first[0]}: {first[1]}")
-        if self.embed_dir is not None and len(valid) < 2:
-            raise UserError(f"{self.embed_dir}: inter pairs need at least 2 usable cases, got {len(valid)} "
-                            "(pass embed_dir=None for intra-only sampling)")
-        return valid
-
     @property
     def matcher(self):
         """The SAM matcher of this process, built on first use (inside each DataLoader worker)."""
@@ -200,50 +158,76 @@ class PairDataset(IterableDataset):
         shard = self._epoch_cases(epoch)
         case_a = shard[pos % self.shard_size]
         rng = self._rng(index)
-        if self.embed_dir is None:
+        c = self.config
+        if c.pairing == "intra" or self.embed_dir is None:
             return self._intra(case_a, self._body_points(self._case(case_a), 1, rng)[0], 0, rng, index)
-        for attempt in range(self.config.max_retries + 1):
-            out = self._try_pair(case_a, None, None, rng, index, tries=attempt + 1)
+        if c.pairing == "random":
+            case_b = self._partner(case_a, rng)
+            return self._inter(case_a, case_b, self._body_points(self._case(case_a), 1, rng)[0],
+                               self._body_points(self._case(case_b), 1, rng)[0], 0.0, "random", 0, rng, index)
+        calls = RETRY_CALLS if c.fallback == "retry" else c.max_retries + 1
+        best = None  # (score, partner, query point, match) of the best candidate that did not pass
+        for attempt in range(calls):
+            case_b = self._partner(case_a, rng)
+            points = self._body_points(self._case(case_a), c.num_candidates, rng)
+            out, miss = self._match(case_a, case_b, points, rng, index, tries=attempt + 1)
             if out is not None:
                 return out
-        return self._intra(case_a, self._body_points(self._case(case_a), 1, rng)[0],
-                           self.config.max_retries + 1, rng, index)
+            if best is None or miss[0] > best[0]:
+                best = miss
+        return self._fallback(case_a, best, calls, rng, index)
 
     def pair(self, query_case: str, points_mm, key_case: str | None = None, index: int = 0) -> dict:
         """A sample from given candidate points of `query_case` (world mm `[K, 3]`) matched into
-        `key_case` (random when None) in one matcher call; intra at the first point when no
-        candidate reaches the threshold. Randomness from (seed, rank, index)."""
+        `key_case` (random when None) in one matcher call; the `fallback` of the config (at the first
+        point for `intra`) when no candidate reaches the threshold. Randomness from (seed, rank,
+        index)."""
         for cid in (query_case, key_case):
             if cid is not None and cid not in self._case_pos:
                 raise ValueError(f"case {cid!r} is not among the sampler's usable cases")
         rng = self._rng(index)
         points = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
-        out = None
-        if self.embed_dir is not None:
-            out = self._try_pair(query_case, key_case, points, rng, index, tries=1)
-        return out if out is not None else self._intra(query_case, points[0], int(self.embed_dir is not None),
-                                                       rng, index)
+        if self.embed_dir is None:
+            return self._intra(query_case, points[0], 0, rng, index)
+        case_b = key_case if key_case is not None else self._partner(query_case, rng)
+        out, miss = self._match(query_case, case_b, points, rng, index, tries=1)
+        return out if out is not None else self._fallback(query_case, miss, 1, rng, index, point=points[0])
 
-    def _try_pair(self, case_a: str, case_b: str | None, points: np.ndarray | None,
-                  rng: np.random.Generator, index: int, tries: int) -> dict | None:
-        """One matcher call: the inter sample of the best candidate, or None below the threshold."""
-        if case_b is None:
-            j = int(rng.integers(len(self.cases) - 1))
-            case_b = self.cases[j + (j >= self._case_pos[case_a])]  # uniform over cases != A
-        qa = self._case(case_a)
-        if points is None:
-            points = self._body_points(qa, self.config.num_candidates, rng)
+    def _partner(self, case_a: str, rng: np.random.Generator) -> str:
+        j = int(rng.integers(len(self.cases) - 1))
+        return self.cases[j + (j >= self._case_pos[case_a])]  # uniform over cases != A
+
+    def _match(self, case_a: str, case_b: str, points: np.ndarray, rng: np.random.Generator, index: int,
+               tries: int) -> tuple[dict | None, tuple | None]:
+        """One matcher call: (the inter sample of a candidate drawn uniformly among those at or above
+        the threshold, None), or (None, (score, case_b, point, match) of the best candidate) when
+        none passes."""
         matched, scores = self.matcher.match(case_a, case_b, points)
-        best = int(np.argmax(scores))
-        if not scores[best] >= self.config.score_threshold:
-            return None
-        kb = self._case(case_b)
-        q_center = _snap(qa, points[best])
-        a_center = _snap(kb, matched[best])
+        passing = np.flatnonzero(scores >= self.config.score_threshold)
+        if len(passing) == 0:
+            i = int(np.argmax(scores))
+            return None, (float(scores[i]), case_b, points[i], matched[i])
+        i = int(passing[rng.integers(len(passing))])
+        return self._inter(case_a, case_b, points[i], matched[i], float(scores[i]), "inter", tries, rng, index), None
+
+    def _fallback(self, case_a: str, best: tuple, tries: int, rng: np.random.Generator, index: int,
+                  point=None) -> dict:
+        """No candidate passed in `tries` matcher calls: an intra pair (at `point`, or a new body
+        point) or, for `best` and `retry`, the best match found anyway (kind "best")."""
+        if self.config.fallback == "intra":
+            point = self._body_points(self._case(case_a), 1, rng)[0] if point is None else point
+            return self._intra(case_a, point, tries, rng, index)
+        score, case_b, q_point, a_point = best
+        return self._inter(case_a, case_b, q_point, a_point, score, "best", tries, rng, index)
+
+    def _inter(self, case_a: str, case_b: str, q_point, a_point, score: float, kind: str, tries: int,
+               rng: np.random.Generator, index: int) -> dict:
+        """A crop around `q_point` in case A and one around `a_point` in case B (world mm)."""
+        qa, kb = self._case(case_a), self._case(case_b)
+        q_center, a_center = _snap(qa, q_point), _snap(kb, a_point)
         query = self._augmented(self._window(qa, q_center), rng)
         anchor = self._augmented(self._window(kb, a_center), rng)
-        return self._pack(query, anchor, q_center, a_center, case_a, case_b, float(scores[best]),
-                          "inter", tries, rng, index)
+        return self._pack(query, anchor, q_center, a_center, case_a, case_b, score, kind, tries, rng, index)
 
     def _intra(self, case_a: str, point_mm, tries: int, rng: np.random.Generator, index: int) -> dict:
         """Two augmentations of one crop of case A."""
@@ -260,29 +244,42 @@ class PairDataset(IterableDataset):
         lo, hi = self.config.hu_window
         return torch.from_numpy(hu_window(crop, lo, hi))[None]  # [R, R, R] -> [1, R, R, R]
 
-    def _augmented(self, crop: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, dict | None]:
-        """(view, None) augmented here, or (crop, drawn parameters) for `augment_on="device"` (`auto`
-        augments here: only a trainer can apply parameters on its device)."""
+    def _augmented(self, crop: torch.Tensor, rng: np.random.Generator) -> tuple:
+        """(view, clean view or None, None) augmented here, or (crop, None, drawn parameters) for
+        `augment_on="device"` (`auto` augments here: only a trainer can apply parameters on its
+        device). The clean view (no noise: the reconstruction target) comes along when views are
+        noised."""
         if self.config.augment_on == "device":
-            return crop, self.augment.draw(rng)
-        return self.augment(crop, rng), None
+            return crop, None, self.augment.draw(rng)
+        params = self.augment.draw(rng)
+        if self.noised:
+            view, clean = self.augment.apply(crop, params, with_clean=True)
+            return view, clean, None
+        return self.augment.apply(crop, params), None, None
+
+    @property
+    def noised(self) -> bool:
+        """Whether the views get noise (then each sample also carries its clean views)."""
+        return self.config.augment and self.config.noise_std > 0
 
     @property
     def augment(self) -> ViewAugment:
         if self._augment is None:
             c = self.config
-            self._augment = ViewAugment(c.rotation, c.rotation_prob, c.noise_std, c.intensity_scale,
-                                        c.intensity_shift)
+            on = float(c.augment)  # off: every magnitude 0, nothing is drawn
+            self._augment = ViewAugment(c.rotation * on, c.rotation_prob, c.noise_std * on, c.intensity_scale * on,
+                                        c.intensity_shift * on)
         return self._augment
 
     def _pack(self, query, anchor, q_center, a_center, case_a, case_b, score, kind, tries, rng, index) -> dict:
-        """query, anchor: (view, parameters or None) from `_augmented`."""
+        """query, anchor: (view, clean view or None, parameters or None) from `_augmented`."""
         c = self.config
         block = c.mask_block_tokens
-        params = {f"{v}_aug_{k}": t for v, (_, p) in zip(VIEWS, (query, anchor)) if p is not None
+        params = {f"{v}_aug_{k}": t for v, (_, _, p) in zip(VIEWS, (query, anchor)) if p is not None
                   for k, t in p.items()}
+        clean = {f"{v}_target": t for v, (_, t, _) in zip(VIEWS, (query, anchor)) if t is not None}
         return {
-            "query": query[0], "anchor": anchor[0], **params,
+            "query": query[0], "anchor": anchor[0], **clean, **params,
             "query_mask": torch.from_numpy(block_mask(c.grid, c.mask_ratio, block, rng)),
             "anchor_mask": torch.from_numpy(block_mask(c.grid, c.mask_ratio, block, rng)),
             "score": score,
@@ -318,13 +315,12 @@ class PairDataset(IterableDataset):
         c = self._counts
         for kind, score, t in zip(kinds, scores, tries):
             c["samples"] += 1
+            c[kind] += 1
             c["matcher_calls"] += int(t)
             if kind == "inter":
-                c["inter"] += 1
                 c["score_sum"] += float(score)
-            else:
-                c["intra"] += 1
-                c["fallbacks"] += int(t > 0)
+            if t > 0 and kind != "inter":  # matched, nothing passed: an intra or best-anyway sample
+                c[f"fallback_{kind}"] += 1
 
     def consumed(self, batch: dict) -> None:
         """Account for a collated batch made by DataLoader workers (PairLoader calls this)."""
@@ -333,16 +329,19 @@ class PairDataset(IterableDataset):
         self._record(batch["kind"], batch["score"].tolist(), batch["tries"].tolist())
 
     def stats(self) -> dict:
-        """Counters over the samples handed out so far by this process (or its PairLoader):
-        `acceptance_rate` = inter / samples that tried matching (1 - fallback rate),
-        `call_acceptance_rate` = inter / matcher calls, `mean_score` over inter pairs, `retries` =
-        matcher calls beyond the first of each sample, `skipped_cases`. A rate with nothing to count
-        yet (no matcher call, no inter pair) is None, so the dict stays valid JSON."""
+        """Counters over the samples handed out so far by this process (or its PairLoader): samples of
+        each kind (`inter`: a SAM match that passed; `best`: a match below the threshold taken by the
+        fallback; `intra`; `random`), `fallback_intra` / `fallback_best` (samples that matched and
+        fell back), `acceptance_rate` = inter / samples that tried matching, `call_acceptance_rate`
+        = inter / matcher calls, `mean_score` over inter pairs, `retries` = matcher calls beyond the
+        first of each matched sample, `skipped_cases`. A rate with nothing to count yet is None, so
+        the dict stays valid JSON."""
         c = self._counts
-        matched = c["inter"] + c["fallbacks"]
+        matched = c["inter"] + c["fallback_intra"] + c["fallback_best"]
         return {
-            "samples": c["samples"], "inter": c["inter"], "intra": c["intra"], "fallbacks": c["fallbacks"],
-            "matcher_calls": c["matcher_calls"], "retries": c["matcher_calls"] - matched,
+            **{k: c[k] for k in ("samples", "inter", "best", "intra", "random", "fallback_intra", "fallback_best",
+                                 "matcher_calls")},
+            "retries": c["matcher_calls"] - matched,
             "acceptance_rate": c["inter"] / matched if matched else None,
             "call_acceptance_rate": c["inter"] / c["matcher_calls"] if c["matcher_calls"] else None,
             "mean_score": c["score_sum"] / c["inter"] if c["inter"] else None,
@@ -376,14 +375,3 @@ class PairDataset(IterableDataset):
 def _snap(case, point_mm) -> np.ndarray:
     """World mm of the voxel nearest to `point_mm` (where `crop` centres), float64 [3]."""
     return case.voxel_to_world(np.rint(case.world_to_voxel(point_mm)))[0]
-
-
-def _embedding_problem(embed_dir, case) -> str | None:
-    """Why the case's embedding file cannot be used with its cached volume, or None when it can."""
-    try:
-        ef = open_embedding(embed_dir, case.case_id)
-    except DataError as e:
-        return e.problem
-    if ef.case_id != case.case_id:
-        return f"embedding file belongs to case {ef.case_id!r}"
-    return ef.coverage_problem(case.affine, case.shape)
