@@ -12,6 +12,7 @@ import errno
 import math
 import os
 import signal
+import subprocess
 
 from alice_ds.console import warn
 from alice_ds.errors import UserError
@@ -35,10 +36,12 @@ class Faults:
       step that finishes step STEP return a NaN loss;
     - `overflow:RANK:STEP[:COUNT]`: the same forward passes return their loss times 1e30 (finite), so
       the global gradient norm overflows fp32;
-    - `term:RANK:STEP` / `usr1:RANK:STEP`: rank RANK sends SIGTERM / SIGUSR1 to its whole process group
-      (the launcher, every rank it started and their DataLoader workers, as a scheduler or a launcher
-      does) once step STEP's update is applied: a preemption at a known step whatever the machine's
-      load, late enough in the step that the launchers' 30 s grace period covers the checkpoint;
+    - `term:RANK:STEP` / `usr1:RANK:STEP`: once step STEP's update is applied, rank RANK has `kill`
+      send SIGTERM / SIGUSR1 to the rank's whole process group (under `deepspeed` the launcher, every
+      rank and their DataLoader workers; under torchrun the rank and its workers), as a scheduler or a
+      launcher does: from another process, which matters (torch's workers exit quietly on their
+      parent's SIGTERM). A preemption at a known step whatever the machine's load, late enough in the
+      step that the launchers' 30 s grace period covers the checkpoint;
     - `enospc:RANK:STEP`: rank RANK's write of the step-STEP checkpoint fails with "No space left on
       device" after DeepSpeed's files, before ours.
     """
@@ -79,8 +82,10 @@ class Faults:
 
     def at_step_end(self, step: int) -> None:
         if step in self.signal_at:
-            warn(f"{FAULT_ENV}: rank sends {self.signal_at[step].name} to its process group after step {step}")
-            os.killpg(os.getpgrp(), self.signal_at[step])
+            sig = self.signal_at[step]
+            warn(f"{FAULT_ENV}: rank sends {sig.name} to its process group after step {step}")
+            # `kill` is in the group too and dies of the signal: its status does not matter
+            subprocess.run(["kill", f"-{sig.name.removeprefix('SIG')}", "--", f"-{os.getpgrp()}"], check=False)
 
     def in_save(self, step: int) -> None:
         """Called by every rank between DeepSpeed's files and ours of the step-`step` checkpoint."""
