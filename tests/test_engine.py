@@ -437,8 +437,8 @@ def test_nan_losses_and_overflowing_gradients_are_skipped_then_stop(ds_launch, e
 def test_rank_failing_mid_save_leaves_no_checkpoint_that_looks_finished(ds_launch, tmp_path, capsys):
     """Rank 1's write of the step-1 checkpoint fails with "No space left on device" after DeepSpeed's files
     (a full disk; a rank killed there is the same to the others): rank 1 exits 2 with one line naming the
-    checkpoint, the launcher stops rank 0 (waiting in the save's barrier) and exits with that status, and
-    no process of the job is left. Nothing named step_1 exists: the partial save is the hidden
+    checkpoint, rank 0's barrier breaks, the launcher stops the job with the status of the failed rank it
+    sees first, and no process of the job is left. Nothing named step_1 exists: the partial save is the hidden
     `.step_1.tmp` without `alice_state.json` (rank 0 used to write that marker before the barrier, so
     `--resume step_1` and `alice-ds convert --tag step_1` accepted a checkpoint rank 1 never finished),
     and `--resume auto` starts fresh."""
@@ -450,7 +450,7 @@ def test_rank_failing_mid_save_leaves_no_checkpoint_that_looks_finished(ds_launc
     (proc,) = ds_launch(out, "zero2_bf16", 2, env={FAULT_ENV: "enospc:1:1"})
     log = _log(out)
     ck = out / "checkpoints"
-    assert proc.returncode == 2, log[-3000:]
+    assert proc.returncode in (2, 1), log[-3000:]  # rank 1's 2, or rank 0's 1 (broken barrier) if seen first
     assert f"error: {ck / 'step_1'}: cannot write the checkpoint (No space left on device)" in log, log[-3000:]
     assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == [".step_1.tmp"] and not (ck / "latest").exists()
     assert not (ck / ".step_1.tmp" / "alice_state.json").exists()
