@@ -35,13 +35,28 @@ def atomic_path(path, suffix: str = "") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_text(path, text: str) -> Path:
-    """Write `text` to `path` atomically (parent folders created); returns `path`."""
+def atomic_write_text(path, text: str, durable: bool = False) -> Path:
+    """Write `text` to `path` atomically (parent folders created); returns `path`. `durable`: also on
+    the disk when this returns (the file and the folder entry fsynced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+        if durable:
+            fsync_path(tmp)
+    if durable:
+        fsync_path(path.parent)
     return path
+
+
+def fsync_path(path) -> None:
+    """Flush a file's (or a folder's: its entries') data to the disk, so a crash of the machine after
+    a rename cannot leave a name that points at missing blocks."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_json(path, missing: str):

@@ -4,27 +4,21 @@
         --data_dir D --json_list J --cache_dir C --embed_dir E --output_dir O \\
         --batch_size 8 --num_steps 100000 [--lr 5e-4] [--preset B] [--config presets/tiny.yaml] [--resume auto]
 
-Also runs under `torchrun`, `accelerate launch` and SLURM `srun` (launch/slurm.sbatch): ranks come
-from the environment (alice_ds.engine.distenv). A mistake in the input (a flag, the YAML, the
-DeepSpeed JSON, the cache, the datalist) prints one line on rank 0 and exits 2 on every rank,
-before any process group starts.
+Also runs under `torchrun`, `accelerate launch`, SLURM `srun` (launch/slurm.sbatch) and MPI launchers
+(`deepspeed --launcher openmpi|mpich|impi|mvapich`): ranks come from the environment
+(alice_ds.engine.distenv). A mistake in the input (a flag, the YAML, the DeepSpeed JSON, the cache,
+the datalist) prints one line on rank 0 and exits 2 on every rank, before any process group starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from alice_ds.console import fail
 from alice_ds.engine import flags
-from alice_ds.engine.distenv import setup_env
+from alice_ds.engine.distenv import launcher_rank, setup_env
 from alice_ds.errors import UserError
-
-
-def _launcher_rank() -> int:
-    """This process's rank as the launcher's environment says, before `setup_env` maps it."""
-    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
               "--output_dir O [--embed_dir E] [--FIELD VALUE ...]",
         description="Alice self-supervised pretraining with DeepSpeed (ZeRO 0-3, bf16 autocast, fp32 teacher EMA). "
                     "Every field of the config tree is a flag; flags override the --config YAML, which overrides "
-                    "--preset, which overrides the defaults shown.")
+                    "--preset, which overrides the defaults shown.",
+        epilog="Preemption: SIGTERM or SIGUSR1 (to any process of the job, DataLoader workers included) finish "
+               "the step, write a checkpoint and exit 0; under SLURM, SIGUSR1 (the time-limit warning of "
+               "launch/slurm.sbatch) also requeues the job with `scontrol requeue $SLURM_JOB_ID` (the command "
+               "is $ALICE_DS_REQUEUE when set), and --resume auto continues it. Tests inject faults with "
+               "ALICE_DS_FAULT (docs/faults.md).")
     flags.add_arguments(parser)
     args = parser.parse_args(argv)
     started = False
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             started = True
             return Trainer(cfg, env, ds_config).run()
     except UserError as e:
-        if started or _launcher_rank() == 0:  # before the start every rank has the same error: say it once
+        if started or launcher_rank() == 0:  # before the start every rank has the same error: say it once
             fail(str(e))
         return 2
 

@@ -101,30 +101,34 @@ model: {preset: tiny, out_dim: 256, patch_out_dim: 256, head_hidden_dim: 512, he
         casa_heads: 4, casa_ffn_dim: 512}
 data: {num_workers: 0}
 sampler: {roi: 64}
-run: {batch_size: 1, save_every: 1, keep_last: 0}
+run: {batch_size: 1, save_every: 1, keep_last: 0, val_batches: 1}
 optim: {lr: 0.2, min_lr: 1.0e-6, warmup_steps: 0, freeze_last_layer_steps: 1, momentum_start: 0.9,
         weight_decay: 5.0, weight_decay_end: 5.0}
 loss: {warmup_teacher_temp_steps: 5}
 """
 """presets/tiny.yaml with every step checkpointed, no lr warmup (step 1 already moves the weights), a
-teacher momentum of 0.9 so the EMA moves by far more than the 1e-6 tolerance of the EMA test, and a
-weight decay large enough (lr x wd ~ 1 % of a weight per step) that a wrong one shows in the
-numerics-parity test."""
+teacher momentum of 0.9 so the EMA moves by far more than the 1e-6 tolerance of the EMA test, a weight
+decay large enough (lr x wd ~ 1 % of a weight per step) that a wrong one shows in the numerics-parity
+test, and one validation batch per rank."""
 
 ENGINE_RUNS = {
-    # stage: (ds_configs/<name>.json, num_steps, extra flags, nodes); nodes=2 runs two
+    # stage: (ds_configs/<name>.json, num_steps, extra flags, nodes, ALICE_DS_FAULT); nodes=2 runs two
     # `deepspeed.launcher.launch` processes
-    3: ("zero3_bf16", 2, ["--overfit_one_batch"], 1),
-    2: ("zero2_bf16", 2, ["--val_every", "2", "--keep_last", "1", "--augment_on", "device"], 1),
-    1: ("fp32", 2, [], 2),
+    0: ("zero0_bf16", 2, ["--grad_accum", "2", "--num_workers", "2"], 1, "overflow:1:1:1"),
+    3: ("zero3_bf16", 2, ["--overfit_one_batch", "--center_momentum", "1"], 1, ""),
+    2: ("zero2_bf16", 2, ["--val_every", "1", "--augment_on", "device"], 1, ""),
+    1: ("fp32", 2, [], 2, ""),
 }
-"""The shared runs: ZeRO-3 overfits one batch and checks the EMA; ZeRO-2 validates, prunes and
-applies the view augmentation in the trainer (`--augment_on device`; the others resolve `auto` to
-`worker` on the CPU); both use the bf16 autocast configs as shipped, plus sanity checks. ZeRO-1
-trains on two 'nodes' and is the reference of the exact-resume test (fp32: losses equal to 1e-5).
-Every update must happen (the tests assert it): on the CPU, oneDNN's bf16 Conv3d weight gradient is
-garbage (finite entries of 1e29-1e34, or inf/NaN) when the input depth is 2..kernel-1, i.e.
-`encoder10` at roi 64 (2^3 grid), which overflows DeepSpeed's fp32 gradient norm and skips the
+"""The shared runs, each the reference of an exact-resume test (tests/test_engine.py). ZeRO-0 (the
+one-GPU config) accumulates 2 micro-batches per step with 2 DataLoader workers per rank, and rank 1's
+first forward of step 1 overflows the gradients (the trainer drops that update). ZeRO-3 overfits one
+batch with frozen loss centers (so 2 accumulated micro-batches of it equal one: the offload run
+checks that). ZeRO-2 validates every step (the best one -> `best`) and applies the view augmentation
+in the trainer (`--augment_on device`; the others resolve `auto` to `worker` on the CPU). These three
+use the bf16 autocast configs as shipped, plus sanity checks. ZeRO-1 trains on two 'nodes' in fp32.
+All the other updates must happen (the tests assert it): on the CPU, oneDNN's bf16 Conv3d weight
+gradient is garbage (finite entries of 1e29-1e34, or inf/NaN) when the input depth is 2..kernel-1,
+i.e. `encoder10` at roi 64 (2^3 grid), which overflows DeepSpeed's fp32 gradient norm and skips the
 update, unless the trainer runs those convolutions in fp32 (`alice_ds.engine.cpu_bf16`,
 ds_configs/README.md, benchmarks/cpu_bf16_conv3d.py)."""
 
@@ -157,11 +161,44 @@ def engine_inputs(phantom_dir, phantom_cache, tmp_path_factory):
     entries = [{"image": f"imagesTr/{c}.nii.gz"} for c in cases]
     (root / "datalist.json").write_text(json.dumps({"training": entries, "validation": entries[-2:]}))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for name in ("zero1_bf16", "zero2_bf16", "zero3_bf16", "fp32"):
+    for name in ("zero0_bf16", "zero1_bf16", "zero2_bf16", "zero3_bf16", "zero3_offload_bf16", "fp32"):
         cfg = json.load(open(os.path.join(repo, "ds_configs", f"{name}.json")))
-        cfg["zero_optimization"]["enable_sanity_checks"] = True
+        if cfg["zero_optimization"]["stage"] > 0:
+            cfg["zero_optimization"]["enable_sanity_checks"] = True
         (root / f"{name}.json").write_text(json.dumps(cfg))
     return root
+
+
+GROUP_EXIT_TIMEOUT_S = 120
+"""After the launcher returns, the processes of its process group (ranks, DataLoader workers) must be
+gone within this: a preempted launcher dies at once while its ranks still checkpoint."""
+
+
+def group_processes(pgid: int) -> list:
+    """The live processes of process group `pgid`."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+def wait_for_group(pgid: int, timeout: float = GROUP_EXIT_TIMEOUT_S) -> list[int]:
+    """Wait until no process of group `pgid` is alive; -> the pids still alive at the timeout (then
+    killed)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (alive := group_processes(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for p in alive:
+        p.kill()
+    return [p.pid for p in alive]
 
 
 @pytest.fixture(scope="session")
@@ -171,10 +208,16 @@ def ds_launch(engine_inputs, phantom_dir, phantom_cache):
     launch/train.py on 2 ranks through the real DeepSpeed launcher (`deepspeed --num_gpus 2`, or
     `ranks` of them on one node, or with nodes=2 two `python -m deepspeed.launcher.launch
     --node_rank 0/1` processes sharing one master); `launcher="torchrun"`: `torchrun --nproc_per_node
-    2`; `launcher="slurm"`: two plain processes with only the variables `srun` sets (SLURM_PROCID/
-    LOCALID/NTASKS, SLURM_JOB_NODELIST). `env` is added to the environment (e.g. `ALICE_DS_FAULT`).
-    Returns the launcher Popen objects (finished when `wait`); stdout+stderr go to
-    `<out_dir>/launch<i>.log`."""
+    2`; `launcher="slurm"`: two plain processes with only the variables `srun` sets (SLURM_JOB_ID=4242,
+    SLURM_STEP_ID, SLURM_PROCID/LOCALID, SLURM_NTASKS/STEP_NUM_TASKS, SLURM_JOB_NODELIST; MASTER_PORT
+    as launch/slurm.sbatch may export it); `launcher="mpi"`: two plain processes with only the variables
+    `deepspeed --launcher mpich` and its mpirun set (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MASTER_ADDR,
+    MASTER_PORT, WORLD_SIZE, LOCAL_SIZE). Every launch is a process group of its own (a session; the
+    plain processes share one), as a job is: a fault that signals its process group reaches the
+    launcher, the ranks and their DataLoader workers, never pytest. `env` is added to the environment
+    (e.g. `ALICE_DS_FAULT`). Returns the launcher Popen objects; with `wait`, they have finished and
+    so has every process of their groups (an AssertionError names the survivors). stdout+stderr go
+    to `<out_dir>/launch<i>.log`."""
     import base64
     import json
     import subprocess
@@ -194,14 +237,20 @@ def ds_launch(engine_inputs, phantom_dir, phantom_cache):
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", ALICE_DS_PROGRESS="0", **(env or {}))
         port = str(_free_port())
         envs = [env]
+        plain = {k: v for k, v in env.items()
+                 if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
         if launcher == "torchrun":
             cmds = [[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                      "--master_addr", "127.0.0.1", "--master_port", port, *args]]
-        elif launcher == "slurm":  # what `srun` gives each task of a 2-task job: SLURM_* only
+        elif launcher == "slurm":  # what `srun` gives each task of a 2-task job step: SLURM_* only
             cmds = [[sys.executable, "-u", *args] for _ in range(2)]
-            plain = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
-            envs = [dict(plain, SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NTASKS="2",
-                         SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=port) for i in range(2)]
+            envs = [dict(plain, SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+                         SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="127.0.0.1",
+                         MASTER_PORT=port) for i in range(2)]
+        elif launcher == "mpi":  # `deepspeed --launcher mpich`: mpirun's PMI_* plus the runner's -genv
+            cmds = [[sys.executable, "-u", *args] for _ in range(2)]
+            envs = [dict(plain, PMI_RANK=str(i), PMI_SIZE="2", MPI_LOCALRANKID=str(i), MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=port, WORLD_SIZE="2", LOCAL_SIZE="2") for i in range(2)]
         elif nodes == 1:
             cmds = [[os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
                      "--master_port", port, *args]]
@@ -211,11 +260,18 @@ def ds_launch(engine_inputs, phantom_dir, phantom_cache):
                      f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}", *args]
                     for i in range(nodes)]
         envs = envs * len(cmds) if len(envs) == 1 else envs
-        procs = [subprocess.Popen(c, env=e, stdout=open(out_dir / f"launch{i}.log", "ab"),
-                                  stderr=subprocess.STDOUT, cwd=repo) for i, (c, e) in enumerate(zip(cmds, envs))]
+        one_group = launcher in ("slurm", "mpi")  # the tasks of one job step; launchers: a session each
+        procs = []
+        for i, (c, e) in enumerate(zip(cmds, envs)):
+            group = dict(process_group=procs[0].pid if procs else 0) if one_group else dict(start_new_session=True)
+            procs.append(subprocess.Popen(c, env=e, stdout=open(out_dir / f"launch{i}.log", "ab"),
+                                          stderr=subprocess.STDOUT, cwd=repo, **group))
         if wait:
             for p in procs:
                 p.wait(timeout=900)
+            left = [pid for pgid in sorted({p.pid for p in procs} if not one_group else {procs[0].pid})
+                    for pid in wait_for_group(pgid)]
+            assert not left, f"processes of the run in {out_dir} still alive after the launcher exited: {left}"
         return procs
 
     return launch
@@ -229,9 +285,9 @@ def ds_run(ds_launch, tmp_path_factory):
 
     def run(stage: int):
         if stage not in done:
-            ds_config, steps, extra, nodes = ENGINE_RUNS[stage]
+            ds_config, steps, extra, nodes, fault = ENGINE_RUNS[stage]
             out = tmp_path_factory.mktemp(f"ds_run_zero{stage}")
-            procs = ds_launch(out, ds_config, steps, extra, nodes=nodes)
+            procs = ds_launch(out, ds_config, steps, extra, nodes=nodes, env={"ALICE_DS_FAULT": fault})
             logs = "\n".join((out / f"launch{i}.log").read_text()[-3000:] for i in range(len(procs)))
             assert all(p.returncode == 0 for p in procs), f"ZeRO-{stage} run failed:\n{logs}"
             done[stage] = out

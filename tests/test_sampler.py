@@ -475,3 +475,45 @@ def test_device_augmentation_is_reproducible_and_needs_its_keys(cohort):
     assert not torch.equal(a["query"], c["query"])
     with pytest.raises(ValueError, match="augment_on='device'"):
         apply_device_augment(_batch(cohort, False, n=2))
+
+
+def test_workers_ignore_stop_signals_and_stop_when_the_loader_closes(cohort):
+    """A launcher's or scheduler's SIGTERM/SIGUSR1 reaches the DataLoader workers too, sent by another
+    process than their parent (here `kill`). Each used to kill a worker, and the main process then
+    raised "DataLoader worker ... is killed by signal" in the step it was finishing. The workers ignore
+    both, the stream goes on in order, and closing the loader's iterator shuts them down."""
+    import subprocess
+    import time
+
+    import psutil
+
+    before = {c.pid for c in psutil.Process().children()}
+    batches = iter(PairLoader(_dataset(cohort), batch_size=1, num_workers=2))
+    got = [next(batches)]
+    workers = [c for c in psutil.Process().children() if c.pid not in before]
+    assert len(workers) == 2
+    for sig in ("TERM", "USR1"):
+        subprocess.run(["kill", f"-{sig}", *[str(w.pid) for w in workers]], check=True)
+    time.sleep(1.0)  # a worker that died would have been reported (SIGCHLD) by now
+    got += [next(batches) for _ in range(3)]
+    assert [int(b["index"][0]) for b in got] == [0, 1, 2, 3]
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    batches.close()
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, "workers still alive after the loader closed"
+
+
+def test_case_deleted_mid_run_stops_the_stream_naming_the_file(cohort, tmp_path):
+    """Cached cases deleted after the sampler checked them (a cleanup job, a moved cache): the worker
+    that opens one fails and the main process raises the DataLoader's error, which names the file and
+    the problem (the trainer stops with it; docs/faults.md)."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cohort["cache"], cache)
+    ds = PairDataset(cache, cohort["embed"], SamplerConfig(**FAST), rank=0, world_size=1)
+    for f in cache.glob("*.npy"):
+        f.unlink()
+    with pytest.raises(RuntimeError, match=r"Caught DataError in DataLoader worker(.|\n)*\.npy: case "
+                                           r"'Case_\d+_0000' has metadata but no array"):
+        next(iter(PairLoader(ds, batch_size=1, num_workers=1)))

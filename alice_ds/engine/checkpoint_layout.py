@@ -7,8 +7,11 @@ from (docs/interfaces.md "Training module and checkpoints").
     alice_state.json                       step, world_size, zero_stage, resolved config, version
     teacher_fp32_rank<r>.safetensors       fp32 teacher (every rank under ZeRO-3, rank 0 otherwise)
     state_rank<r>.safetensors / .json      buffers (loss centers), RNG states, sampler state, counters
+<output_dir>/checkpoints/.<tag>.tmp/       a save in progress (or killed): never read
 <output_dir>/checkpoints/latest            the tag, written by rank 0 after every rank finished
 ```
+A save writes every file into `.<tag>.tmp`, fsyncs it, waits for every rank, then rank 0 writes
+`alice_state.json` and renames the folder to `<tag>`: a tag folder is always complete.
 
 A ZeRO-3 parameter of `numel` elements is held by rank r of w as the flat slice
 `flat[r*n:(r+1)*n]` of the parameter flattened and zero padded to `w*n` elements, n = ceil(numel / w)
@@ -19,9 +22,12 @@ No DeepSpeed import: the exporter reads checkpoints through this module without 
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
 
 import torch
+
+from alice_ds.errors import DataError
 
 ALICE_STATE = "alice_state.json"
 """Written by rank 0 last: a tag folder with this file is a finished checkpoint."""
@@ -32,6 +38,20 @@ STATE_TENSORS = "state_rank{rank}.safetensors"
 STATE_JSON = "state_rank{rank}.json"
 ZERO3_SHAPES = "zero3_shapes"
 """Teacher shard metadata under ZeRO-3: JSON name -> full shape, what reassembly needs."""
+DEEPSPEED_PICKLE_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # fp16 runs
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+"""The only non-tensor classes DeepSpeed 0.19 (setup.cfg) pickles into its checkpoint files. Resume loads the
+files with `weights_only=True` and these allowed; every reader first lists the globals a file would
+import (without executing anything) and refuses a file that asks for anything else."""
+
+
+def tmp_dir(ckpt_root: Path, tag: str) -> Path:
+    """Where a save of `tag` writes before its rename to `ckpt_root / tag`."""
+    return ckpt_root / f".{tag}.tmp"
 
 
 def state_path(tag_dir: Path) -> Path:
@@ -45,6 +65,30 @@ def teacher_shard(tag_dir: Path, rank: int) -> Path:
 def rank_state(tag_dir: Path, rank: int) -> tuple[Path, Path]:
     """(tensors, JSON) files of one rank's resume state."""
     return tag_dir / STATE_TENSORS.format(rank=rank), tag_dir / STATE_JSON.format(rank=rank)
+
+
+def rank_files(tag_dir: Path, rank: int) -> list[Path]:
+    """The files rank `rank` wrote into a checkpoint folder: ours and DeepSpeed's
+    (`zero_pp_rank_<r>_mp_rank_*`; rank 0 also `mp_rank_*_model_states.pt`)."""
+    ours = [*rank_state(tag_dir, rank), teacher_shard(tag_dir, rank)]
+    deepspeed = list(tag_dir.glob(f"zero_pp_rank_{rank}_mp_rank_*"))
+    if rank == 0:
+        deepspeed += tag_dir.glob("mp_rank_*_model_states.pt")
+    return [p for p in ours if p.is_file()] + deepspeed
+
+
+def check_deepspeed_file(path: Path) -> None:
+    """A DeepSpeed `.pt` file must be a complete zip archive that unpickles only known DeepSpeed
+    classes (`DEEPSPEED_PICKLE_GLOBALS`). Truncation loses the zip's central directory, which this
+    detects without a full read."""
+    try:
+        zipfile.ZipFile(path).close()  # reads only the central directory at the end of the file
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (zipfile.BadZipFile, RuntimeError, OSError, EOFError) as e:
+        raise DataError(path, f"truncated or corrupt DeepSpeed checkpoint file ({type(e).__name__})") from None
+    unknown = sorted(set(unsafe) - DEEPSPEED_PICKLE_GLOBALS)
+    if unknown:
+        raise DataError(path, f"refusing to unpickle unexpected classes {unknown}")
 
 
 def teacher_shard_ranks(zero_stage: int, world_size: int) -> range:

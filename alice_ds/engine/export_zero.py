@@ -21,7 +21,6 @@ import abc
 import contextlib
 import json
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,19 +28,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from alice_ds.engine import checkpoint_layout as layout
-from alice_ds.engine.checkpoint_layout import ALICE_STATE, LATEST
+from alice_ds.engine.checkpoint_layout import ALICE_STATE, LATEST, check_deepspeed_file
 from alice_ds.errors import DataError
 from alice_ds.files import read_json
-
-# The only non-tensor classes DeepSpeed 0.16-0.19 pickles into its checkpoint files. `zero_to_fp32`
-# unpickles those files with weights_only=False; we list every global a file would import first
-# (without executing anything) and refuse a file that asks for anything else.
-DEEPSPEED_PICKLE_GLOBALS = frozenset({
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # fp16 runs
-    "deepspeed.utils.tensor_fragment.fragment_address",
-})
 
 
 @dataclass
@@ -93,7 +82,7 @@ def locate(checkpoint_dir: str | Path, tag: str = "latest") -> CheckpointRef:
         tag = latest.read_text().strip()
     tag_dir = root / tag
     if not tag_dir.is_dir():
-        have = sorted(p.name for p in root.iterdir() if (p / ALICE_STATE).is_file())
+        have = sorted(p.name for p in root.iterdir() if (p / ALICE_STATE).is_file() and not p.name.startswith("."))
         raise DataError(tag_dir, f"no checkpoint tag {tag!r} (tags here: {', '.join(have) or 'none'})")
     state_path = tag_dir / ALICE_STATE
     state = read_json(state_path, "missing: not an alice-ds checkpoint, or its save did not finish")
@@ -101,19 +90,6 @@ def locate(checkpoint_dir: str | Path, tag: str = "latest") -> CheckpointRef:
         if key not in state:
             raise DataError(state_path, f"has no {key!r} entry")
     return CheckpointRef(root=root, tag=tag, tag_dir=tag_dir, state=state)
-
-
-def check_deepspeed_file(path: Path) -> None:
-    """A DeepSpeed `.pt` file must be a complete zip archive that unpickles only known DeepSpeed
-    classes. Truncation loses the zip's central directory, which this detects without a full read."""
-    try:
-        zipfile.ZipFile(path).close()  # reads only the central directory at the end of the file
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except (zipfile.BadZipFile, RuntimeError, OSError, EOFError) as e:
-        raise DataError(path, f"truncated or corrupt DeepSpeed checkpoint file ({type(e).__name__})") from None
-    unknown = sorted(set(unsafe) - DEEPSPEED_PICKLE_GLOBALS)
-    if unknown:
-        raise DataError(path, f"refusing to unpickle unexpected classes {unknown}")
 
 
 def _model_states_file(ref: CheckpointRef) -> Path:

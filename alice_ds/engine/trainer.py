@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import time
 import warnings
 from itertools import repeat
@@ -32,6 +31,7 @@ from alice_ds.engine.ema import TeacherEMA
 from alice_ds.engine.faults import FAULT_ENV, Faults
 from alice_ds.engine.flops import device_peak_tflops, flops_per_sample
 from alice_ds.engine.monitors import MonitorWatch
+from alice_ds.engine.preemption import StopSignals, requeue_slurm_job
 from alice_ds.engine.schedules import Schedules, StepValues
 from alice_ds.errors import UserError
 from alice_ds.files import atomic_write_text
@@ -41,8 +41,6 @@ from alice_ds.sampler import PairDataset, PairLoader, apply_device_augment
 
 LOSS_KEYS = ("loss", "cls", "patch", "recon")
 """Loss parts reduced over ranks every micro-batch and written to metrics.jsonl."""
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-"""Preemption signals: finish the step, checkpoint, exit 0."""
 VAL_SEED_OFFSET = 1_000_003
 """The validation stream uses seed + this, so it never repeats a training sample's randomness."""
 FP32_MAX_NORM = math.sqrt(torch.finfo(torch.float32).max)
@@ -100,10 +98,15 @@ class Trainer:
             guard_cpu_bf16_conv3d(module)  # bf16 autocast Conv3d weight-gradient bug (engine/cpu_bf16.py)
         else:
             torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
-        optimizer = torch.optim.AdamW(module.param_groups(), lr=0.0, weight_decay=0.0, betas=o.betas)
+        groups = module.param_groups()
+        # (last_layer, apply_wd) per group, kept here: DeepSpeed 0.19's universal-checkpoint load under
+        # ZeRO-3 copies group 0's keys into every param group
+        self.group_flags = [(g["last_layer"], g["apply_wd"]) for g in groups]
+        optimizer = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=o.betas)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                                  config=ds_config)
         self.module = self.engine.module
+        ckpt.load_weights_only(self.engine)
         self.ema = TeacherEMA(self.module)
         self.augment_on_device = cfg.sampler.augment_on == "device"
         self.train_loader = self._loader("training", cfg.run.seed)
@@ -117,7 +120,7 @@ class Trainer:
         self._nonfinite_in_row = 0  # micro-batches with a non-finite loss since the last good one
         self._skipped_in_row = 0  # skipped updates since the last applied one
         self._ds_skipped = 0  # DeepSpeed's count of optimizer steps it skipped (non-finite gradients)
-        self._stop_signal: int | None = None
+        self.stop_signals = StopSignals()
         self.faults = Faults(os.environ.get(FAULT_ENV, ""), self.rank)
         self.watch = MonitorWatch(cfg.model.out_dim)
 
@@ -145,7 +148,6 @@ class Trainer:
         (by DeepSpeed under ZeRO-1/2/3, by the trainer under ZeRO-0). `max_nonfinite` of either in a
         row stop the run."""
         v = self._set_optimizer(self.step)
-        self.faults.at_step_start(self.step + 1)
         t0 = time.perf_counter()
         sums = dict.fromkeys(self.reduced_keys, 0.0)
         done, skipped, zero0, centers = 0, 0, None, None
@@ -174,15 +176,16 @@ class Trainer:
         if not update_skipped:
             self.ema.update(v.momentum)
         self.step += 1
+        self.faults.at_step_end(self.step)
         # log
         return self._metrics(sums, v, float(out["teacher_temp"]), skipped, grad_norm, update_skipped,
                              time.perf_counter() - t0)
 
     def _set_optimizer(self, step: int) -> StepValues:
         v = self.sched.at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = 0.0 if (group["last_layer"] and v.freeze_last_layer) else v.lr
-            group["weight_decay"] = v.weight_decay if group["apply_wd"] else 0.0
+        for group, (last_layer, apply_wd) in zip(self.optimizer.param_groups, self.group_flags, strict=True):
+            group["lr"] = 0.0 if (last_layer and v.freeze_last_layer) else v.lr
+            group["weight_decay"] = v.weight_decay if apply_wd else 0.0
         return v
 
     def _reduce(self, values: list[float]) -> list[float]:
@@ -297,10 +300,12 @@ class Trainer:
                  "nonfinite_total": self.nonfinite_total, "skipped_updates": self.skipped_updates}
         return ckpt.save(self.engine, self.module, self.ema, self.ckpt_root, tag, step=self.step,
                          config=self.cfg.to_dict(), zero_stage=self.zero_stage, rank_state=state,
-                         keep_last=self.cfg.run.keep_last, update_latest=update_latest)
+                         keep_last=self.cfg.run.keep_last, update_latest=update_latest, faults=self.faults)
 
     def maybe_resume(self) -> None:
-        tag = ckpt.resolve_resume(self.ckpt_root, self.cfg.run.resume)
+        """Resume from the tag rank 0 resolves (`--resume`); every rank checks that all loaded the
+        same step."""
+        tag = ckpt.agree_on_resume(self.ckpt_root, self.cfg.run.resume)
         if tag is None:
             return
         alice_state, rank_state = ckpt.load(self.engine, self.module, self.ema, self.ckpt_root, tag,
@@ -315,12 +320,11 @@ class Trainer:
             console.print(f"resumed from {self.ckpt_root / tag} at step {self.step}")
 
     # ---- the loop ------------------------------------------------------------------------------
-    def _on_signal(self, signum, _frame) -> None:
-        self._stop_signal = signum
-
-    def _stop_requested(self) -> bool:
-        """True on every rank when any rank got a preemption signal (one all-reduce per step)."""
-        return self._reduce([1.0 if self._stop_signal is not None else 0.0])[0] > 0
+    def _stop_requested(self) -> tuple[bool, bool]:
+        """(stop, requeue), the same on every rank (one all-reduce per step): stop when any rank got a
+        stop signal; requeue (under SLURM) when one of them was SIGUSR1, the time-limit warning."""
+        term, usr1 = self._reduce(self.stop_signals.flags())
+        return term + usr1 > 0, usr1 > 0
 
     def _write_metrics(self, metrics: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -342,15 +346,21 @@ class Trainer:
 
     def run(self) -> int:
         """Train to `num_steps`; returns the exit status (0 also after a preemption checkpoint)."""
-        cfg = self.cfg.run
-        for s in STOP_SIGNALS:
-            signal.signal(s, self._on_signal)
+        self.stop_signals.install()
         self.maybe_resume()
         if self.is_main:
             atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
             self._print_start()
         self.engine.train()
         batches = self._batches()
+        try:
+            return self._train(batches)
+        finally:
+            batches.close()  # shuts the DataLoader workers down (they ignore the stop signals)
+
+    def _train(self, batches) -> int:
+        """Steps until `num_steps` or a stop signal; validation, metrics and checkpoints on schedule."""
+        cfg = self.cfg.run
         with progress(disable=not self.is_main) as bar:
             task = bar.add_task("pretraining", total=cfg.num_steps, completed=self.step)
             while self.step < cfg.num_steps:
@@ -368,13 +378,16 @@ class Trainer:
                 bar.update(task, completed=self.step,
                            description=f"loss {m['loss']:.3f} (cls {m['cls']:.3f} patch {m['patch']:.3f} "
                                        f"recon {m['recon']:.4f}) lr {m['lr']:.2e} {m['samples_per_s']:.1f} smp/s")
-                stop = self._stop_requested()
+                stop, requeue = self._stop_requested()
                 if stop or self.step == cfg.num_steps or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save(ckpt.step_tag(self.step))
                 if stop:
                     if self.is_main:
                         console.print(f"preemption signal: checkpoint {ckpt.step_tag(self.step)} written, "
                                       "exiting (resume with --resume auto)")
+                        cmd = requeue_slurm_job() if requeue else None
+                        if cmd:
+                            console.print(f"SLURM job requeued ({' '.join(cmd)})")
                     return 0
         if self.is_main:
             console.print(f"done: {self.step} steps, sampler {self.train_loader.stats()}")

@@ -118,7 +118,8 @@ class AliceMetaArch(nn.Module):
         """AdamW groups over student + CASA: no weight decay on biases, norms and other 1-D (or
         smaller) tensors; the heads' last layers in their own groups so their lr can be zeroed while
         frozen (works with ZeRO-partitioned gradients, unlike zeroing `.grad`). Each group carries
-        `apply_wd` and `last_layer` flags that the trainer reads each step."""
+        `apply_wd` and `last_layer` flags; the trainer reads them once, before DeepSpeed wraps the
+        optimizer, and sets each group's lr and weight decay every step."""
         groups: dict[tuple[bool, bool], list] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:

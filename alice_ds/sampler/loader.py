@@ -4,6 +4,7 @@ main process; and the allocator setting its workers use."""
 from __future__ import annotations
 
 import ctypes
+import signal
 from typing import TYPE_CHECKING
 
 from torch.utils.data import DataLoader
@@ -16,6 +17,18 @@ WORKER_MMAP_THRESHOLD = 256 * 2**20
 (see `tune_worker_allocator`)."""
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter ids (malloc.h)
 _allocator_tuned = False
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Stop signals a DataLoader worker ignores. Launchers and schedulers send them to every process of a
+job, workers included; a worker killed that way makes the main process raise "DataLoader worker ...
+is killed by signal" in the middle of the step it is finishing (torch's worker dies of a SIGTERM
+that does not come from its parent). The main process decides when to stop and shuts its workers
+down through the DataLoader (not by a signal)."""
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: this worker ignores `WORKER_IGNORED_SIGNALS`."""
+    for s in WORKER_IGNORED_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def tune_worker_allocator() -> bool:
@@ -43,7 +56,9 @@ class PairLoader:
     """A DataLoader over a `PairDataset` that keeps the dataset's position and counters current in
     the main process (workers hold copies), so `state_dict()` after any batch resumes exactly and
     `stats()` covers what was consumed. Each worker makes whole batches of consecutive samples, so
-    batches arrive in stream order for any `num_workers`. Re-iterating continues from the position."""
+    batches arrive in stream order for any `num_workers`. Re-iterating continues from the position.
+    Workers ignore stop signals (`ignore_stop_signals`); closing the iterator (or dropping it) shuts
+    them down, which a process must do before it exits."""
 
     def __init__(self, dataset: PairDataset, batch_size: int, num_workers: int = 0, **loader_kwargs):
         if batch_size < 1:
@@ -55,12 +70,15 @@ class PairLoader:
         dataset.batch_block = self.batch_size
 
     def __iter__(self):
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                            **self.loader_kwargs)
-        for batch in loader:
-            if self.num_workers > 0:
-                self.dataset.consumed(batch)
-            yield batch
+        batches = iter(DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                  worker_init_fn=ignore_stop_signals, **self.loader_kwargs))
+        try:
+            for batch in batches:
+                if self.num_workers > 0:
+                    self.dataset.consumed(batch)
+                yield batch
+        finally:
+            del batches  # the last reference: the DataLoader iterator shuts its workers down now
 
     def stats(self) -> dict:
         return self.dataset.stats()
