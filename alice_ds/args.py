@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from alice_ds.shards import Shard
+
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
@@ -15,3 +17,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def shard(text: str):
+    """argparse type: `I/N` with 0 <= I < N -> `alice_ds.shards.Shard`."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/4), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return Shard(index, count, "--shard")

@@ -10,12 +10,14 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 LOG_WIDTH = 120
 """Columns when stderr is a file or pipe (a cluster job's log) and COLUMNS is unset: rich's 80 cut
@@ -24,13 +26,25 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in
 """Progress and tables go to stderr so that stdout stays machine-readable (`--json` output)."""
 
 
-def progress(disable: bool = False, transient: bool = False) -> Progress:
-    """A progress bar with counts, elapsed time and ETA. Disabled when stderr is not a terminal and
-    ALICE_DS_PROGRESS=0 is set, so CI logs stay short."""
+class RateColumn(ProgressColumn):
+    """Items per second over rich's recent window, e.g. `0.42 cases/s` (blank until measured)."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        return Text("" if task.speed is None else f"{task.speed:.2f} {self.unit}/s", style="progress.data.speed")
+
+
+def progress(disable: bool = False, transient: bool = False, unit: str | None = None) -> Progress:
+    """A progress bar with counts, elapsed time and ETA (and the rate in `unit`s per second when
+    given). Disabled when ALICE_DS_PROGRESS=0 is set, so CI logs stay short."""
     if os.environ.get("ALICE_DS_PROGRESS", "1") == "0":
         disable = True
+    rate = [RateColumn(unit)] if unit else []
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    MofNCompleteColumn(), *rate, TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console, disable=disable, transient=transient)
 
 

@@ -9,6 +9,8 @@ rounded int16 HU, written as `<case_id>.npy` + `<case_id>.json` (see `alice_ds.d
   atomic against a killed process, and fsync cost ~1 s per file on a busy disk here); an old JSON is removed
   before its array is replaced. A killed run leaves complete cases and stray temp files only (removed
   by the next run); `list_cases` ignores arrays without JSON.
+- Sharded: `--shard I/N` (or a SLURM array, or torchrun's ranks: `alice_ds.shards`) takes every N-th
+  case; shards write into one cache folder and each removes only its own cases' stale temporaries.
 - Bad inputs do not stop the run: good cases finish, bad ones are listed, and the run fails at the
   end unless `skip_bad`.
 """
@@ -28,13 +30,15 @@ import torch
 from monai.transforms import EnsureChannelFirst, Orientation, Spacing
 from rich.markup import escape
 
+from alice_ds.args import shard
 from alice_ds.console import console, progress, table, warn
 from alice_ds.data import case_id_from_path
 from alice_ds.data.cache import array_path, meta_path
 from alice_ds.data.datalist import SECTIONS, load_datalist
 from alice_ds.data.nifti import file_fingerprint, load_ct
 from alice_ds.errors import DataError, UserError
-from alice_ds.files import atomic_path, atomic_write_text, stale_temporaries
+from alice_ds.files import TMP_MARK, atomic_path, atomic_write_text, stale_temporaries
+from alice_ds.shards import SHARD_HELP, Shard, resolve_shard
 
 FORMAT_VERSION = 1
 INT16_RANGE = (-32768, 32767)
@@ -142,10 +146,11 @@ def _collect_cases(data_dir, json_list) -> list[tuple[str, str]]:
 
 
 def preprocess_dataset(data_dir, json_list, cache_dir, spacing=(1.5, 1.5, 2.0), workers: int = 1,
-                       skip_bad: bool = False, show: bool = True) -> Summary:
-    """Fill `cache_dir` with every image of the datalist (training and validation). Prints a progress
-    bar and a summary table when `show`. Raises `DataError` for the first bad case after all good
-    ones are done, unless `skip_bad` (then bad cases are only warned about and listed)."""
+                       skip_bad: bool = False, show: bool = True, share: Shard = Shard()) -> Summary:
+    """Fill `cache_dir` with every image of the datalist (training and validation), or with `share`
+    of them. Prints a progress bar and a summary table when `show`. Raises `DataError` for the first
+    bad case after all good ones are done, unless `skip_bad` (then bad cases are only warned about
+    and listed)."""
 
 
     spacing = [float(s) for s in spacing]
@@ -153,11 +158,13 @@ def preprocess_dataset(data_dir, json_list, cache_dir, spacing=(1.5, 1.5, 2.0), 
         raise UserError(f"spacing must be three positive numbers (mm), got {spacing}")
     if workers < 1:
         raise UserError(f"workers must be at least 1, got {workers}")
-    cases = _collect_cases(data_dir, json_list)
+    cases = share.take(_collect_cases(data_dir, json_list))
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    for p in stale_temporaries(cache):
-        p.unlink(missing_ok=True)
+    mine = {f".{name}" for cid, _ in cases for name in (array_path(cache, cid).name, meta_path(cache, cid).name)}
+    for p in stale_temporaries(cache):  # only this shard's: another shard's writer may run on another host
+        if p.name.split(TMP_MARK, 1)[0] in mine:
+            p.unlink(missing_ok=True)
     settings = cache_settings(spacing)
     summary = Summary()
     start = time.perf_counter()
@@ -178,7 +185,9 @@ def preprocess_dataset(data_dir, json_list, cache_dir, spacing=(1.5, 1.5, 2.0), 
             summary.rows.append([r["case_id"], "done", "x".join(map(str, r["shape"])),
                                  f"from {r['orientation']}, {r['seconds']:.1f} s"])
 
-    with progress(disable=not show) as bar:
+    if show and share.count > 1:
+        console.print(f"preprocess: {share}, {len(cases)} cases", highlight=False)
+    with progress(disable=not show, unit="cases") as bar:
         task = bar.add_task("preprocess", total=len(todo))
         if workers == 1 or len(todo) <= 1:
             for t in todo:
@@ -224,11 +233,12 @@ def add_arguments(parser) -> None:
                         help="target voxel size in mm (RAS axes)")
     parser.add_argument("--workers", type=int, default=1,
                         help="parallel processes (each decodes and resamples one case at a time)")
+    parser.add_argument("--shard", type=shard, default=None, metavar="I/N", help=SHARD_HELP)
     parser.add_argument("--skip_bad", action="store_true",
                         help="exit 0 even when some inputs are unreadable (they are still listed)")
 
 
 def run(args) -> int:
     preprocess_dataset(args.data_dir, args.json_list, args.cache_dir, spacing=args.spacing,
-                       workers=args.workers, skip_bad=args.skip_bad)
+                       workers=args.workers, skip_bad=args.skip_bad, share=resolve_shard(args.shard))
     return 0

@@ -6,6 +6,8 @@ memory is bounded whatever the volume size; each tile contributes only its inter
 overlap is dropped at inner seams). Tiles start on multiples of the coarse stride, so fine and
 coarse grids of all tiles line up exactly.
 Existing files made by the same model are skipped (idempotent); files are written atomically.
+Sharded like `preprocess` (`--shard I/N`, a SLURM array, or torchrun's ranks with one GPU each:
+`alice_ds.shards`); the shards' files together are one unsharded run's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alice_ds.args import shard
 from alice_ds.console import console, progress, table
 from alice_ds.data.cache import list_cases, open_case
 from alice_ds.errors import DataError, UserError
@@ -28,6 +31,7 @@ from alice_ds.sam.geometry import scaled_affine
 from alice_ds.sam.io import embedding_path, open_embedding, write_embedding
 from alice_ds.sam.network import COARSE_STRIDE, EMBED_DIM, FINE_STRIDE, scale_hu
 from alice_ds.sam.train import load_model
+from alice_ds.shards import SHARD_HELP, resolve_shard
 
 DEFAULT_TILE = 224
 """Tile edge in SAM-grid voxels (448 mm at 2 mm): the cross-section of a CT fits in one tile, so
@@ -52,7 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads with --workers 1 (on a shared CPU, 1 avoids threads "
                         "waiting for each other)")
     p.add_argument("--force", action="store_true", help="re-embed cases whose file already exists")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda:LOCAL_RANK if CUDA is available, else cpu)")
+    p.add_argument("--shard", type=shard, default=None, metavar="I/N", help=SHARD_HELP)
 
 
 TILE_ALIGN = 32
@@ -154,17 +160,19 @@ def run(args) -> int:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    share = resolve_shard(args.shard)
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     model, model_id = load_model(args.sam_checkpoint, device)
     Path(args.embed_dir).mkdir(parents=True, exist_ok=True)
-    cases = list_cases(args.cache_dir)
+    cases = share.take(list_cases(args.cache_dir))
     todo = [c for c in cases if args.force or not _up_to_date(args.embed_dir, c, model_id)]
-    console.print(f"embed: {len(cases)} cached cases, {len(cases) - len(todo)} up to date, "
-                  f"{len(todo)} to embed with {model_id}")
+    where = f" ({share})" if share.count > 1 else ""
+    console.print(f"embed{where}: {len(cases)} cached cases, {len(cases) - len(todo)} up to date, "
+                  f"{len(todo)} to embed with {model_id} on {device}", highlight=False)
     job = {"cache_dir": args.cache_dir, "embed_dir": args.embed_dir, "tile": args.tile,
            "overlap": args.overlap}
     seconds: list[float] = []
-    with progress() as bar:
+    with progress(unit="cases") as bar:
         task = bar.add_task("embed", total=len(todo))
         if args.workers == 1 or len(todo) <= 1:
             torch.set_num_threads(args.threads)
