@@ -29,7 +29,9 @@ N_HARD = 500
 FINE_EXCLUDE_MM = 8.0
 """Candidates closer than this to the positive are not negatives (two fine voxels at 4 mm)."""
 COARSE_POSITIVE_MM = 64.0
-"""Coarse voxels within this distance are not negatives (the reference: 25 mm). With 64 mm (two
+"""Coarse voxels within this distance are not negatives. Not the reference's rule: it takes as the
+positive the nearest coarse voxel within 25 mm with |dz| < 6-8 mm and spares only voxels closer than 5 mm
+from the negatives (its `coarse_z_thres`, `coarse_ignore_distance`). With 64 mm (two
 coarse voxels at 32 mm) the coarse argmax alone lands 58-68 mm from held-out phantom landmarks
 instead of 94-99 mm, and the Matcher's median error is 47-62 mm instead of 89-95 mm
 (docs/experiments/2026-11-26-sam-coarse-half-tries.md protocol, --hu_window -200 300, seeds 0 and

@@ -10,7 +10,8 @@ reference code instead ran a full-volume search up to 101 times per training ste
 The window search visits the windows of the `candidates` best coarse voxels (each more than one
 coarse voxel from the others; DEFAULT_CANDIDATES) and keeps the best (fine + coarse) / 2 among
 them: a coarse argmax at the wrong body level, common with a weak coarse half, no longer decides
-the match alone. `candidates=1` is the reference's single coarse argmax.
+the match alone. `candidates=1` is a single coarse argmax; the
+reference SAM's own inference is the global search below.
 
 `search="global"` scores (fine + coarse) / 2 at every fine voxel of the key case instead (the fine
 grid streamed from the memory map in slabs of GLOBAL_SLAB_PLANES), without trusting the coarse
@@ -264,7 +265,7 @@ def add_matcher_arguments(p: argparse.ArgumentParser, window_default: int | None
     p.add_argument("--candidates", type=positive_int, default=DEFAULT_CANDIDATES,
                    help="window search: fine windows around this many best coarse voxels (kept at least "
                         "two coarse voxels apart); the best (fine + coarse) / 2 among them wins; 1 = the "
-                        "coarse argmax alone, as the reference")
+                        "coarse argmax alone (the reference SAM searches globally: --search global)")
     p.add_argument("--search", choices=SEARCH_MODES, default="window",
                    help="'window': fine search around the best coarse voxels (as the pair sampler "
                         "matches); 'global': (fine + coarse) / 2 at every fine voxel of the key case "
