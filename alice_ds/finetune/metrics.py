@@ -5,6 +5,7 @@ the sliding-window prediction they are computed from."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,9 @@ def hd95_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int, sp
     label lacks the class; inf where the label has it and the prediction does not (MONAI's value)."""
     metric = HausdorffDistanceMetric(include_background=False, percentile=HD_PERCENTILE, reduction="none")
     p, y = one_hot(pred, num_classes), one_hot(label, num_classes)
-    out = metric(p, y, spacing=[float(s) for s in spacing])[0].float().cpu()
+    with warnings.catch_warnings():  # an empty class is expected (a missed organ): its value is set below
+        warnings.filterwarnings("ignore", message=r"the (prediction|ground truth) of class \d+ is all 0")
+        out = metric(p, y, spacing=[float(s) for s in spacing])[0].float().cpu()
     present = y[0, 1:].flatten(1).any(1).cpu()  # [C-1]
     predicted = p[0, 1:].flatten(1).any(1).cpu()
     out[~present] = math.nan
