@@ -3,7 +3,8 @@
 - Pretraining (`deepspeed launch/train.py`, one line per logged step): `losses.png` (loss, cls,
   patch, recon, val_loss), `schedules.png` (lr, weight decay, teacher momentum and temperature),
   `monitors.png` (the collapse monitors of `alice_ds.losses.alice.MONITORS` and CASA's attention
-  ratio), `throughput.png` (pairs/s = samples_per_s, step time, TFLOP/s per device).
+  ratio), `throughput.png` (pairs/s = samples_per_s, step time, TFLOP/s per device, gradient norm,
+  the pair sampler's acceptance rate and mean SAM score).
 - Fine-tuning (`alice-ds finetune`): `loss.png` (training loss and lr) and `val_dice.png` (mean and
   per-class validation Dice).
 
@@ -35,7 +36,8 @@ PRETRAIN_PANELS: dict[str, list[tuple[str, list[str], bool]]] = {
                  ("KL(teacher || student)", ["cls_kl", "patch_kl"], False),
                  ("agreement, CASA attention ratio", ["agreement", "casa_attn_ratio"], False)],
     "throughput": [("pairs/s", ["samples_per_s"], False), ("step time (s)", ["step_time_s"], False),
-                   ("TFLOP/s per device", ["tflops_per_device"], False), ("gradient norm", ["grad_norm"], True)],
+                   ("TFLOP/s per device", ["tflops_per_device"], False), ("gradient norm", ["grad_norm"], True),
+                   ("pair sampler", ["sampler_acceptance_rate", "sampler_mean_score"], False)],
 }
 """Key names as `alice_ds.engine.trainer` writes them."""
 FINETUNE_MARK = "val_dice"
