@@ -25,7 +25,7 @@ from monai.utils import set_determinism
 
 from alice_ds.args import positive_int
 from alice_ds.console import console, progress, table
-from alice_ds.errors import UserError
+from alice_ds.errors import DataError, UserError
 from alice_ds.export.load import load_pretrained
 from alice_ds.files import atomic_write_text
 from alice_ds.finetune import checkpoint as ckpt
@@ -61,7 +61,10 @@ def lr_at(cfg: FinetuneConfig, step: int) -> float:
 
 def _datasets(cfg: FinetuneConfig, data_dir, json_list, prep: Preprocessing):
     train_cases = select_cases(json_list, data_dir, cfg.labelled)
-    val_cases = select_cases(json_list, data_dir, None, "validation") if cfg.val_every else []
+    try:
+        val_cases = select_cases(json_list, data_dir, None, "validation") if cfg.val_every else []
+    except DataError as e:
+        raise DataError(e.path, f"{e.problem} (--val_every 0 trains without validation)") from None
     rand = random_transforms(cfg.classes, cfg.roi, cfg.crops_per_case)
     try:
         # CacheDataset keeps the deterministic prefix (load ... pad) in memory; crops are drawn per step
@@ -201,7 +204,8 @@ def finetune(cfg: FinetuneConfig, data_dir, json_list, output_dir, resume: bool 
             # ---- validate / save
             if cfg.val_every and n_val and (step % cfg.val_every == 0 or step == cfg.steps):
                 t1 = time.perf_counter()
-                dice, per_class = validate(model, val_ds, cfg, accelerator)
+                # the unwrapped module: a DDP forward would wait on ranks that hold fewer validation cases
+                dice, per_class = validate(accelerator.unwrap_model(model), val_ds, cfg, accelerator)
                 if main:
                     _append_metrics(out, {"step": step, "val_dice": dice, "seconds": time.perf_counter() - t1,
                                           "val_dice_per_class": dict(zip(cfg.classes.names, per_class))})
