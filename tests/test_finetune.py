@@ -175,9 +175,9 @@ def test_resume_continues_at_the_saved_step(finetuned_run, phantom_dir, phantom_
     assert {float(s["step"]) for s in opt["state"].values()} == {3.0}  # AdamW went on from its 2 saved steps
     after = load_file(folder / "model.safetensors")
     assert not torch.equal(before[FIRST_CONV], after[FIRST_CONV])
-    # another model in the same folder is refused
-    assert main(_args(phantom_dir, phantom_datalist, "none", run, "--steps", "4", "--feature_size", str(F))) == 2
-    assert "resuming a run with" in " ".join(capsys.readouterr().err.split())
+    # another model in the same folder is refused before its weights are read
+    assert main(_args(phantom_dir, phantom_datalist, "none", run, "--steps", "4", "--feature_size", "24")) == 2
+    assert "resuming a run with feature_size=12, now 24" in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.slow

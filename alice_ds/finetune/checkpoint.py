@@ -82,9 +82,17 @@ def latest_checkpoint(out: Path) -> Path | None:
     return folder
 
 
+def checkpoint_info(folder: Path) -> dict:
+    """The `model.json` of a `step_<N>/` folder (config, step, best Dice so far)."""
+    info = read_json(folder / "model.json", "checkpoint has no model.json")
+    if not isinstance(info, dict) or "config" not in info or "step" not in info:
+        raise DataError(folder / "model.json", "not a fine-tuning checkpoint (no 'config' or 'step')")
+    return info
+
+
 def load_checkpoint(folder: Path, model, optimizer) -> dict:
     """Model and optimizer state of a `step_<N>/` folder, in place; returns its `model.json`."""
-    info = read_json(folder / "model.json", "checkpoint has no model.json")
+    info = checkpoint_info(folder)
     model.load_state_dict(read_weights(folder / MODEL_FILE))
     try:
         opt = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)

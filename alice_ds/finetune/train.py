@@ -161,8 +161,8 @@ def finetune(cfg: FinetuneConfig, data_dir, json_list, output_dir, resume: bool 
     step, best, best_step = 0, -math.inf, None
     last = ckpt.latest_checkpoint(out) if resume else None
     if last is not None:
+        _check_same_run(ckpt.checkpoint_info(last)["config"], cfg, last)
         info = ckpt.load_checkpoint(last, model, optimizer)
-        _check_same_run(info["config"], cfg, last)
         step, best, best_step = int(info["step"]), float(info.get("best_dice", -math.inf)), info.get("best_step")
         if main:
             console.print(f"resuming from {last} (step {step})", highlight=False)
