@@ -23,7 +23,9 @@ preset Alice step ≈ 8 s per sample at 64³, one fine-tuning step with two 64³
 little signal to compare arms with the steps this budget allows. So the defaults ask an easier
 question with the same machinery: five large classes (liver, kidneys = left + right, spleen,
 vertebrae, bowel), small phantoms at 4 mm (close to their 3 x 3 x 4-6 mm voxels; one 64³ crop spans
-256 mm, most of an abdomen), 30 fine-tuning steps of 2 crops, 16 pretraining steps per variant.
+256 mm, most of an abdomen), 25 fine-tuning steps of 2 crops, 16 pretraining steps per variant.
+Estimate from those costs: 5 pretrainings x (16 x 16 s + ~1 min start and export) ≈ 26 min, 20
+fine-tunings x (25 x 5 s + ~1 min caching, start and validation) ≈ 62 min.
 Sixteen Alice steps move the backbone only a little from its initialisation: a difference here says
 whether the pipeline transfers anything at CPU scale, not what Alice does at scale.
 
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--val_cases", type=int, default=3, help="of which held out for validation")
     p.add_argument("--spacing", type=float, default=4.0, help="mm, isotropic: cache, pretraining, fine-tuning")
     p.add_argument("--pretrain_steps", type=int, default=16)
-    p.add_argument("--finetune_steps", type=int, default=30)
+    p.add_argument("--finetune_steps", type=int, default=25)
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4], help="labelled training cases")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ablations = [v for v in VARIANTS if v != "alice"]
