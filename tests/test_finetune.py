@@ -102,6 +102,7 @@ def test_another_architecture_is_one_line_naming_the_file(weights, phantom_dir, 
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_crop(phantom_dir, phantom_datalist):
     from accelerate import Accelerator
     from monai.losses import DiceCELoss
@@ -121,16 +122,18 @@ def test_loss_falls_on_a_fixed_crop(phantom_dir, phantom_datalist):
     model, _ = build_and_load(cfg)
     optimizer = torch.optim.AdamW(model.parameters())
     accelerator = Accelerator(cpu=True)
-    losses = [train_step(model, optimizer, DiceCELoss(to_onehot_y=True, softmax=True), image, label, 2e-3, accelerator)
-              for _ in range(3)]
-    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    losses = [train_step(model, optimizer, loss_fn, image, label, 2e-3, accelerator) for _ in range(2)]
+    with torch.no_grad():  # the loss after the second update, without paying for a third step
+        losses.append(float(loss_fn(model(image.float()), label.long())))
+    assert all(math.isfinite(v) for v in losses) and losses[0] > losses[1] > losses[2], losses
 
 
 @pytest.fixture(scope="module")
 def finetuned_run(weights, phantom_dir, phantom_datalist, tmp_path_factory):
-    """2 steps from the weights, validated and checkpointed at step 2 (checkpoints every step)."""
+    """1 step from the weights, validated and checkpointed."""
     out = tmp_path_factory.mktemp("ft_run") / "run"
-    assert main(_args(phantom_dir, phantom_datalist, weights, out, "--steps", "2", "--val_every", "2",
+    assert main(_args(phantom_dir, phantom_datalist, weights, out, "--steps", "1", "--val_every", "1",
                       "--save_every", "1", "--labelled", "2", "--lr", "1e-3")) == 0
     return out
 
@@ -144,17 +147,17 @@ def test_run_writes_metrics_best_and_checkpoint(finetuned_run, weights):
     lines = _lines(finetuned_run)
     steps = [ln for ln in lines if "loss" in ln]
     vals = [ln for ln in lines if "val_dice" in ln]
-    assert [ln["step"] for ln in steps] == [1, 2]
+    assert [ln["step"] for ln in steps] == [1]
     assert all(math.isfinite(ln["loss"]) and ln["seconds"] > 0 for ln in steps)
-    assert [ln["step"] for ln in vals] == [2]
+    assert [ln["step"] for ln in vals] == [1]
     assert set(vals[0]["val_dice_per_class"]) == {"liver", "kidneys", "vertebrae"}
     best = json.loads((finetuned_run / "best.json").read_text())
-    assert best["val_dice"] == vals[0]["val_dice"] and 0 <= best["val_dice"] <= 1 and best["step"] == 2
+    assert best["val_dice"] == vals[0]["val_dice"] and 0 <= best["val_dice"] <= 1 and best["step"] == 1
     cfg = json.loads((finetuned_run / "config.json").read_text())
     assert (cfg["spacing"], cfg["hu_window"], cfg["feature_size"]) == ([SPACING] * 3, [-150.0, 250.0], F)
     assert cfg["labelled"] == 2 and cfg["weights"] == str(weights)
-    assert (finetuned_run / "checkpoints" / "latest").read_text().strip() == "step_2"
-    assert sorted(p.name for p in (finetuned_run / "checkpoints").iterdir()) == ["latest", "step_2"]
+    assert (finetuned_run / "checkpoints" / "latest").read_text().strip() == "step_1"
+    assert sorted(p.name for p in (finetuned_run / "checkpoints").iterdir()) == ["latest", "step_1"]
     best_weights = load_file(finetuned_run / "best.safetensors")
     assert best_weights["out.conv.conv.weight"].shape[0] == len(CLASSES) + 1
 
@@ -163,16 +166,17 @@ def test_run_writes_metrics_best_and_checkpoint(finetuned_run, weights):
 def test_resume_continues_at_the_saved_step(finetuned_run, phantom_dir, phantom_datalist, weights, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(finetuned_run, run)
-    before = load_file(run / "checkpoints" / "step_2" / "model.safetensors")
-    assert main(_args(phantom_dir, phantom_datalist, weights, run, "--steps", "3", "--val_every", "0",
+    before = load_file(run / "checkpoints" / "step_1" / "model.safetensors")
+    assert main(_args(phantom_dir, phantom_datalist, weights, run, "--steps", "2", "--val_every", "0",
                       "--save_every", "1", "--labelled", "2", "--lr", "1e-3")) == 0
     err = " ".join(capsys.readouterr().err.split())
-    assert "resuming from" in err and "(step 2)" in err
-    assert [ln["step"] for ln in _lines(run) if "loss" in ln] == [1, 2, 3]
-    folder = run / "checkpoints" / "step_3"
-    assert json.loads((folder / "model.json").read_text())["step"] == 3
+    assert "resuming from" in err and "(step 1)" in err
+    assert [ln["step"] for ln in _lines(run) if "loss" in ln] == [1, 2]
+    folder = run / "checkpoints" / "step_2"
+    assert json.loads((folder / "model.json").read_text())["step"] == 2
+    assert not (run / "checkpoints" / "step_1").exists()
     opt = torch.load(folder / "optimizer.pt", weights_only=True)
-    assert {float(s["step"]) for s in opt["state"].values()} == {3.0}  # AdamW went on from its 2 saved steps
+    assert {float(s["step"]) for s in opt["state"].values()} == {2.0}  # AdamW went on from its saved step
     after = load_file(folder / "model.safetensors")
     assert not torch.equal(before[FIRST_CONV], after[FIRST_CONV])
     # another model in the same folder is refused before its weights are read
@@ -189,7 +193,7 @@ def test_evaluate_scores_the_best_checkpoint_and_draws(finetuned_run, phantom_di
                  "--num_pictures", "1"]) == 0
     result = json.loads(out.read_text())
     best = json.loads((finetuned_run / "best.json").read_text())
-    assert result["num_cases"] == 1 and result["step"] == 2
+    assert result["num_cases"] == 1 and result["step"] == 1
     assert result["mean_dice"] == pytest.approx(best["val_dice"], abs=1e-6)
     for name, dice in best["val_dice_per_class"].items():
         assert result["per_class"][name]["dice"] == pytest.approx(dice, abs=1e-6)
