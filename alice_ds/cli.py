@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "match": ("alice_ds.sam.match_cli", "match a world-mm point of one case into another with SAM embeddings"),
     "sam-eval": ("alice_ds.sam.evaluate", "landmark matching accuracy of SAM embeddings across cases"),
     "convert": ("alice_ds.export.converter", "convert a ZeRO checkpoint into MONAI SwinUNETR weights (safetensors)"),
+    "finetune": ("alice_ds.finetune.train", "fine-tune MONAI SwinUNETR (Accelerate) from alice-ds weights or scratch"),
+    "evaluate": ("alice_ds.finetune.evaluate", "per-class Dice and HD95 of a fine-tuned checkpoint, overlay pictures"),
+    "plot": ("alice_ds.finetune.plot", "PNG curves of a pretraining or fine-tuning run's metrics.jsonl"),
 }
 
 
@@ -46,7 +49,7 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
         prog="alice-ds",
         description="Alice self-supervised pretraining for 3D CT. Pretraining itself runs with "
                     "`deepspeed launch/train.py`; these commands prepare data, SAM embeddings and "
-                    "exported weights.",
+                    "exported weights, and fine-tune, evaluate and plot.",
     )
     parser.add_argument("--version", action="version", version=f"alice-ds {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -23,7 +23,8 @@ ALLOWED = {
     "sampler": {"data", "sam", "models"},
     "engine": {"data", "sam", "sampler", "models", "losses", "kernels", "method"},
     "export": {"engine", "models"},
-    "cli": {"data", "sam", "sampler", "engine", "export", "models", "losses", "kernels", "method"},
+    "finetune": {"data", "export"},
+    "cli": {"data", "sam", "sampler", "engine", "export", "models", "losses", "kernels", "method", "finetune"},
 }
 """Which other layers each layer may import (`base` always). `data` is the bottom of the data side:
 IO, datalists, the cache, landmarks, phantoms; it imports none of sam, sampler, method or engine."""
@@ -100,7 +101,7 @@ def test_only_engine_imports_deepspeed():
 
 
 @pytest.mark.parametrize("package", ["alice_ds.models", "alice_ds.losses", "alice_ds.sampler", "alice_ds.sam",
-                                     "alice_ds.data.phantom"])
+                                     "alice_ds.data.phantom", "alice_ds.finetune.train"])
 def test_packages_load_no_deepspeed_at_runtime(package):
     """Also through third-party imports, which the static check cannot see."""
     code = (f"import sys, {package}; bad = sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'); "
