@@ -27,6 +27,7 @@ from monai.transforms import (
 
 from alice_ds.data.cache import VIEW_HU_WINDOW
 from alice_ds.data.datalist import load_datalist
+from alice_ds.data.preprocess import RAS_LABELS
 from alice_ds.errors import DataError, UserError
 from alice_ds.files import read_json
 
@@ -193,7 +194,7 @@ def base_transforms(prep: Preprocessing, cmap: ClassMap, roi: int | None) -> lis
     out = [
         LoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
-        Orientationd(keys=keys, axcodes="RAS"),
+        Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS),
         Spacingd(keys=keys, pixdim=prep.spacing, mode=("bilinear", "nearest")),
         ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
         RemapLabelsd(keys="label", cmap=cmap),
