@@ -33,10 +33,13 @@ class Shard:
             raise UserError(f"shard {self.index}/{self.count} ({self.source}): need 0 <= I < N")
 
     def take(self, items: Sequence) -> list:
-        """This shard's items: every `count`-th of the sorted items, starting at `index`. Sorting
-        makes the split independent of the order the caller listed them in; striding balances a
-        list whose case sizes drift with the name (sites, scanners)."""
-        return sorted(items)[self.index::self.count]
+        """This shard's items, in the caller's order: every `count`-th of the sorted items, starting
+        at `index`. Sorting makes the split independent of the order the caller listed them in;
+        striding balances a list whose case sizes drift with the name (sites, scanners)."""
+        if self.count == 1:
+            return list(items)
+        mine = set(sorted(items)[self.index::self.count])
+        return [item for item in items if item in mine]
 
     def __str__(self) -> str:
         return f"shard {self.index}/{self.count} ({self.source})" if self.count > 1 else "unsharded"

@@ -15,6 +15,22 @@ SLOW_FIXTURES = {"ds_run", "ds_launch", "sam_checkpoint", "sam_embed_dir"}
 """A test that uses one of these starts DeepSpeed jobs or trains a SAM: marked `slow` automatically."""
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_process_group():
+    """A test must not leave a process group or a launcher's variables in pytest's process: later
+    in-process code (Accelerate, `alice_ds.dist`, forked ranks) would join them."""
+    import torch.distributed as dist
+
+    before = {k: os.environ.get(k) for k in LAUNCHER_VARIABLES}
+    yield
+    after = {k: os.environ.get(k) for k in LAUNCHER_VARIABLES}
+    assert after == before, f"the test changed the launcher variables: {before} -> {after}"
+    assert not (dist.is_available() and dist.is_initialized()), "the test left a process group initialised"
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):

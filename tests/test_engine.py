@@ -139,14 +139,18 @@ def _shm_buffers() -> set:
 
 def test_user_mistakes_exit_2_with_one_line(engine_inputs, phantom_cache, tmp_path, capsys):
     import runpy
+    from unittest import mock
 
     main = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "launch", "train.py"))["main"]
     base = ["--config", str(engine_inputs / "tiny.yaml"), "--deepspeed_config", str(engine_inputs / "zero1_bf16.json"),
             "--json_list", str(engine_inputs / "datalist.json"), "--cache_dir", str(phantom_cache),
             "--output_dir", str(tmp_path)]
-    assert main(base + ["--roi", "50"]) == 2
-    assert "sampler.roi must be a positive multiple of 32, got 50" in capsys.readouterr().err
-    assert main(base + ["--lr", "1e-5", "--min_lr", "1e-4"]) == 2
+    # the entry point writes RANK, WORLD_SIZE, MASTER_* into its process's environment, as it should;
+    # here that process is pytest's, where a later in-process Accelerator would start a group from them
+    with mock.patch.dict(os.environ):
+        assert main(base + ["--roi", "50"]) == 2
+        assert "sampler.roi must be a positive multiple of 32, got 50" in capsys.readouterr().err
+        assert main(base + ["--lr", "1e-5", "--min_lr", "1e-4"]) == 2
     err = capsys.readouterr().err
     assert "optim.min_lr 0.0001 must be below the peak lr 3.90625e-08" in err and "Traceback" not in err
 
