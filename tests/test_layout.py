@@ -23,7 +23,7 @@ ALLOWED = {
     "sampler": {"data", "sam", "models"},
     "engine": {"data", "sam", "sampler", "models", "losses", "kernels", "method"},
     "export": {"engine", "models"},
-    "finetune": {"data", "export"},
+    "finetune": {"data", "export", "models"},
     "cli": {"data", "sam", "sampler", "engine", "export", "models", "losses", "kernels", "method", "finetune"},
 }
 """Which other layers each layer may import (`base` always). `data` is the bottom of the data side:

@@ -44,6 +44,8 @@ FORMAT_VERSION = 1
 INT16_RANGE = (-32768, 32767)
 _TABLE_MAX_ROWS = 50
 """Above this many cases the summary table lists only the bad ones (the counts line says the rest)."""
+DEFAULT_SPACING = (1.5, 1.5, 2.0)
+"""Cache voxel size in mm (RAS axes) unless `--spacing` says otherwise."""
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 """Axis labels for MONAI's `Orientation`: (low, high) end of each world axis, nibabel convention."""
 
@@ -145,7 +147,7 @@ def _collect_cases(data_dir, json_list) -> list[tuple[str, str]]:
     return list(seen.items())
 
 
-def preprocess_dataset(data_dir, json_list, cache_dir, spacing=(1.5, 1.5, 2.0), workers: int = 1,
+def preprocess_dataset(data_dir, json_list, cache_dir, spacing=DEFAULT_SPACING, workers: int = 1,
                        skip_bad: bool = False, show: bool = True, share: Shard = Shard()) -> Summary:
     """Fill `cache_dir` with every image of the datalist (training and validation), or with `share`
     of them. Prints a progress bar and a summary table when `show`. Raises `DataError` for the first
@@ -229,7 +231,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data_dir", required=True, help="root the datalist paths are relative to")
     parser.add_argument("--json_list", required=True, help="decathlon datalist (from `alice-ds datalist`)")
     parser.add_argument("--cache_dir", required=True, help="output folder: <case_id>.npy (int16 HU) + .json")
-    parser.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 2.0), metavar=("X", "Y", "Z"),
+    parser.add_argument("--spacing", type=float, nargs=3, default=DEFAULT_SPACING, metavar=("X", "Y", "Z"),
                         help="target voxel size in mm (RAS axes)")
     parser.add_argument("--workers", type=int, default=1,
                         help="parallel processes (each decodes and resamples one case at a time)")

@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from alice_ds.data.cache import VIEW_HU_WINDOW
+from alice_ds.data.preprocess import DEFAULT_SPACING
 from alice_ds.errors import UserError
-from alice_ds.finetune.data import DEFAULT_SPACING, ClassMap, check_roi
+from alice_ds.finetune.data import ClassMap, check_roi
 
 
 @dataclass

@@ -27,16 +27,13 @@ from monai.transforms import (
 
 from alice_ds.data.cache import VIEW_HU_WINDOW
 from alice_ds.data.datalist import load_datalist
-from alice_ds.data.preprocess import RAS_LABELS
+from alice_ds.data.preprocess import DEFAULT_SPACING, RAS_LABELS
 from alice_ds.errors import DataError, UserError
 from alice_ds.files import read_json
+from alice_ds.models.swin import SIDE_DIVISOR
 
-DEFAULT_SPACING = (1.5, 1.5, 2.0)
-"""Resampling grid in mm (x, y, z) without pretrained weights; `alice-ds preprocess`'s default too."""
 FLIP_PROB = 0.5
 ROT90_PROB = 0.5
-ROI_MULTIPLE = 32
-"""SwinUNETR downsamples five times by 2."""
 
 
 @dataclass(frozen=True)
@@ -181,8 +178,8 @@ def select_cases(json_list, data_dir, labelled: int | None, split: str = "traini
 
 
 def check_roi(roi: int) -> int:
-    if roi < ROI_MULTIPLE or roi % ROI_MULTIPLE:
-        raise UserError(f"--roi must be a positive multiple of {ROI_MULTIPLE}, got {roi}")
+    if roi < SIDE_DIVISOR or roi % SIDE_DIVISOR:
+        raise UserError(f"--roi must be a positive multiple of {SIDE_DIVISOR}, got {roi}")
     return roi
 
 
