@@ -15,12 +15,17 @@ reference SAM's own inference is the global search below.
 
 `search="global"` scores (fine + coarse) / 2 at every fine voxel of the key case instead (the fine
 grid streamed from the memory map in slabs of GLOBAL_SLAB_PLANES), without trusting the coarse
-argmax. It is for evaluation and debugging, where a weak coarse embedding sends the window
-elsewhere: on the phantom protocol of docs/experiments/2026-11-25-sam-heldout-landmarks.md (6
-held-out cases, 422 landmark matches) its model scores 83.8 mm median / 17.1 % within 10 mm with
-the window and 30.4 mm / 31.0 % globally. It
-reads the whole fine grid of the key case per call (1.8 s per case pair of ~200^3 voxels at 2 mm,
-one core, vs 0.06 s with the window), so the pair sampler keeps the window.
+argmax, as the reference SAM's own inference does. Its fine term compares a *template*: the query
+point and its six neighbours `context` fine voxels away (`context_steps`), each with the key voxel at
+the same offset, averaged over the offsets inside the key's grid. One vector alone is ambiguous in
+homogeneous tissue and along the repeated vertebrae; the template is what makes the global search
+land (docs/experiments/2026-12-02-sam-matching-and-pair-precision.md). It reads the whole fine grid of the key
+case per call, once per template offset (seconds per case pair, vs 0.06 s with the window), so the
+pair sampler keeps the window.
+
+Every match but `search="coarse"` ends at the best fine voxel moved by `subvoxel_offsets` (the
+vertex of a parabola through the fine cosines of its neighbours, per axis): a 4 mm grid alone
+leaves ~2 mm at the median even between identical embeddings.
 
 `search="coarse"` stops after the first step and returns the centre of the coarse argmax voxel with
 its coarse cosine: what the coarse half alone says, to tell a weak coarse half from a weak fine one.
@@ -40,8 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alice_ds.args import positive_int
-from alice_ds.sam import DEFAULT_CANDIDATES, DEFAULT_WINDOW, SEARCH_MODES
+from alice_ds.args import non_negative_int, positive_int
+from alice_ds.sam import DEFAULT_CANDIDATES, DEFAULT_CONTEXT, DEFAULT_WINDOW, SEARCH_MODES
 from alice_ds.sam.geometry import index_to_world, normalized_grid, sample_channels_last, world_to_index
 from alice_ds.sam.io import EmbeddingFile, open_embedding
 
@@ -49,8 +54,10 @@ DEFAULT_CACHE = 64
 """Coarse grids kept per process (a 400 mm CT at coarse stride 16 is ~13^3 x 128 fp32 = 1 MB, held
 twice: as the grid and as the transposed key matrix)."""
 POINTS_PER_CHUNK = 64
-"""Query points per fine search: bounds its [P, W] similarity and index arrays (W = window^3
-voxels; 64 x 8000 x 3 int64 = 12 MB at the default window). The fine windows themselves pass one
+"""Windows per fine search (points x coarse candidates): bounds its [P, W] similarity and index
+arrays (W = window^3 voxels; 64 x 8000 x 3 int64 = 12 MB at the default window). All candidates of a
+point go through one search: one coarse interpolation and one argmax for all of them instead of one
+per candidate (1.4 ms of overhead each). The fine windows themselves pass one
 at a time through a reused buffer (a window of 20^3 x 128 fp32 is 4 MB: a [32, W, 128] stack of
 them was 131 MB and memory-bound, 0.4 s per call)."""
 CANDIDATE_POOL = 64
@@ -67,7 +74,8 @@ class Matcher:
     instance built before a DataLoader forks can be used in every worker."""
 
     def __init__(self, embed_dir, window: int = DEFAULT_WINDOW, cache_size: int = DEFAULT_CACHE,
-                 search: str = "window", candidates: int = DEFAULT_CANDIDATES):
+                 search: str = "window", candidates: int = DEFAULT_CANDIDATES, refine: bool = True,
+                 context: int = DEFAULT_CONTEXT):
         if search not in SEARCH_MODES:
             raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
         if window < 1:
@@ -81,6 +89,10 @@ class Matcher:
         self.window = int(window)
         self.cache_size = int(cache_size)
         self.search = search
+        self.refine = bool(refine)
+        if context < 0:
+            raise ValueError(f"context must be >= 0 fine voxels (0: no template), got {context}")
+        self.context = int(context)
         self._cache: OrderedDict[str, tuple[EmbeddingFile, torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def _load(self, case_id: str) -> tuple[EmbeddingFile, torch.Tensor, torch.Tensor]:
@@ -122,9 +134,10 @@ class Matcher:
     def match(self, query_case: str, key_case: str, points_mm) -> tuple[np.ndarray, np.ndarray]:
         """Match world points [P, 3] of `query_case` into `key_case`.
 
-        Returns (matched_mm [P, 3] float64 at fine-voxel centres of the key case, scores [P] float32
-        = the combined similarity at the match, in [-1, 1]; with search="coarse": coarse-voxel
-        centres and the coarse cosine)."""
+        Returns (matched_mm [P, 3] float64, scores [P] float32 = the combined similarity at the best
+        fine voxel, in [-1, 1]; with search="coarse": coarse-voxel centres and the coarse cosine).
+        The match is the best fine voxel's centre moved by `subvoxel_offsets` (at most half a voxel
+        per axis) unless the matcher was built with `refine=False`."""
         pts = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
         if len(pts) == 0:
             return np.zeros((0, 3)), np.zeros(0, dtype=np.float32)
@@ -139,29 +152,36 @@ class Matcher:
         if self.search == "window":
             cands = coarse_candidates(sim_c.numpy(), cshape, self.candidates)  # [P, K, 3]
         sim_c = sim_c.view(len(pts), 1, *cshape)  # [P, Nc] -> [P, 1, Xc, Yc, Zc]
+        steps = context_steps(self.context if self.search == "global" else 0)  # [T, 3] key fine voxels
+        qft = qf[:, None]  # [P, 1, C]: the query's fine embedding at each template offset
+        if len(steps) > 1:
+            offsets_mm = steps @ ef.fine_affine[:3, :3].T  # [T, 3]: the key's voxel steps in world mm
+            qft = self.query_features(query_case, (pts[:, None] + offsets_mm[None]).reshape(-1, 3))[0]
+            qft = qft.view(len(pts), len(steps), -1)  # [P * T, C] -> [P, T, C]
         matched, scores = [], []
-        for s in range(0, len(pts), POINTS_PER_CHUNK):
-            sl = slice(s, s + POINTS_PER_CHUNK)
-            if self.search == "window":  # the best of the candidates' windows
-                m, sc = None, None
-                for k in range(cands.shape[1]):
-                    centre = np.rint(world_to_index(ef.fine_affine,
-                                                    index_to_world(ef.coarse_affine, cands[sl, k])))
-                    mk, sk = self._fine_search(ef, sim_c[sl], centre, qf[sl])
-                    if m is None:
-                        m, sc = mk, sk
-                    else:
-                        better = sk > sc
-                        m[better], sc[better] = mk[better], sk[better]
+        chunk = max(POINTS_PER_CHUNK // self.candidates, 1) if self.search == "window" else POINTS_PER_CHUNK
+        for s in range(0, len(pts), chunk):
+            sl = slice(s, s + chunk)
+            if self.search == "window":  # every candidate's window in one pass; the first best wins
+                k = cands.shape[1]
+                centre = np.rint(world_to_index(ef.fine_affine,
+                                                index_to_world(ef.coarse_affine, cands[sl].reshape(-1, 3))))
+                mk, sk = self._fine_search(ef, sim_c[sl].repeat_interleave(k, 0), centre,
+                                           qf[sl].repeat_interleave(k, 0))  # [p * K, 3] fine indices, [p * K]
+                pick = sk.reshape(-1, k).argmax(1)  # [p]
+                rows = np.arange(len(pick))
+                m, sc = mk.reshape(-1, k, 3)[rows, pick], sk.reshape(-1, k)[rows, pick]
             else:
-                m, sc = self._global_search(ef, kcoarse, qf[sl], qc[sl])
-            matched.append(m)
+                m, sc = self._global_search(ef, kcoarse, qft[sl], qc[sl], steps)
+            offset = subvoxel_offsets(ef.fine_map(), m, qf[sl].numpy()) if self.refine else 0.0
+            matched.append(index_to_world(ef.fine_affine, m + offset))
             scores.append(sc)
         return np.concatenate(matched), np.concatenate(scores).astype(np.float32)
 
     def _fine_search(self, ef: EmbeddingFile, sim_c: torch.Tensor, centre: np.ndarray,
                      qf: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Fine argmax of (cos_fine + cos_coarse) / 2 in a window around each coarse argmax.
+        """Fine argmax of (cos_fine + cos_coarse) / 2 in a window around each coarse argmax -> (fine
+        indices [P, 3] int64, scores [P]).
         sim_c [P, 1, Xc, Yc, Zc] coarse cosine of each query with the key's coarse grid; centre
         [P, 3] fine indices; qf [P, 128] query fine embeddings.
 
@@ -194,38 +214,90 @@ class Matcher:
                                padding_mode="border", align_corners=True).view(len(lo), -1)  # [P, W]
         combined = (sim_f + sim_cw) / 2
         score, arg = combined.max(1)
-        best = fine_ijk[np.arange(len(lo)), arg.numpy()]
-        return index_to_world(ef.fine_affine, best), score.numpy()
+        return fine_ijk[np.arange(len(lo)), arg.numpy()], score.numpy()
 
     def _global_search(self, ef: EmbeddingFile, kcoarse: torch.Tensor, qf: torch.Tensor,
-                       qc: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+                       qc: torch.Tensor, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Argmax of (cos_fine + cos_coarse) / 2 over every fine voxel of the key case, slab by
-        slab of x-planes. Here cos_coarse is the cosine with the key's coarse embedding interpolated
-        trilinearly to the fine voxel and re-normalised (the window search interpolates the
-        similarity map instead, which is cheaper per query; with a model trained by the held-out
-        protocol at HU window -200..300 the global argmax lands within 10 mm for 40.3 % of the
-        landmarks this way and for 29.4 % with the interpolated similarity map).
-        kcoarse [Xc, Yc, Zc, C]: the key's coarse grid; qf, qc [P, C]: query embeddings."""
+        slab of x-planes -> (fine indices [P, 3] int64, scores [P]).
+
+        With a context template (`steps` [T, 3] fine-voxel offsets, the first (0, 0, 0); qf [P, T, C]
+        the query's fine embeddings at the same offsets in mm) cos_fine at voxel v is the mean over
+        the offsets o with v + o inside the grid of cos(qf[:, o], fine[v + o]): a patch of the query
+        compared with a patch of the key, not one vector with one vector.
+
+        cos_coarse is the cosine with the key's coarse embedding interpolated trilinearly to the fine
+        voxel and re-normalised (the window search interpolates the similarity map instead, which is
+        cheaper per query; with a model trained by the held-out protocol at HU window -200..300 the
+        global argmax lands within 10 mm for 40.3 % of the landmarks this way and for 29.4 % with the
+        interpolated similarity map). kcoarse [Xc, Yc, Zc, C]: the key's coarse grid; qc [P, C]."""
         fine = _as_tensor(ef.fine_map())  # fp16 [Xf, Yf, Zf, C], memory-mapped
         nx, ny, nz, channels = fine.shape
+        halo = int(np.abs(steps[:, 0]).max())
         coarse = kcoarse.permute(3, 0, 1, 2)[None]  # [1, C, Xc, Yc, Zc]
         f2c = np.linalg.inv(ef.coarse_affine) @ ef.fine_affine  # fine index -> coarse index, 4x4
         score = torch.full((len(qf),), -float("inf"))
         best = np.zeros((len(qf), 3), dtype=np.int64)
         for a in range(0, nx, GLOBAL_SLAB_PLANES):
-            slab = fine[a:a + GLOBAL_SLAB_PLANES].float()  # [n, Yf, Zf, C] fp32
-            ijk = np.stack(np.meshgrid(np.arange(a, a + len(slab)), np.arange(ny), np.arange(nz),
+            n = min(GLOBAL_SLAB_PLANES, nx - a)
+            lo, hi = max(a - halo, 0), min(a + n + halo, nx)
+            slab = fine[lo:hi].float().view(-1, channels)  # [(hi - lo) * Yf * Zf, C] fp32, with the halo
+            total = torch.zeros(len(qf), n, ny, nz)  # sum of cos_fine over the offsets inside the grid
+            count = torch.zeros(1, n, ny, nz)
+            for t, (dx, dy, dz) in enumerate(steps.tolist()):
+                sim = (qf[:, t] @ slab.T).view(len(qf), hi - lo, ny, nz)  # [P, h, Yf, Zf]
+                # voxel v of the slab reads voxel v + o: the part of the slab whose shifted voxel is inside
+                x0, x1 = max(a, lo - dx), min(a + n, hi - dx)
+                y0, y1, z0, z1 = max(0, -dy), min(ny, ny - dy), max(0, -dz), min(nz, nz - dz)
+                if x0 >= x1 or y0 >= y1 or z0 >= z1:
+                    continue
+                total[:, x0 - a:x1 - a, y0:y1, z0:z1] += sim[:, x0 + dx - lo:x1 + dx - lo, y0 + dy:y1 + dy,
+                                                             z0 + dz:z1 + dz]
+                count[:, x0 - a:x1 - a, y0:y1, z0:z1] += 1
+            ijk = np.stack(np.meshgrid(np.arange(a, a + n), np.arange(ny), np.arange(nz),
                                        indexing="ij"), -1).reshape(-1, 3)  # [W, 3]
             grid = normalized_grid(torch.from_numpy(ijk @ f2c[:3, :3].T + f2c[:3, 3]).float(),
                                    coarse.shape[2:])
             kc = F.grid_sample(coarse, grid.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="border",
                                align_corners=True).view(channels, -1)  # [C, W]
-            combined = (qf @ slab.view(-1, channels).T + qc @ F.normalize(kc, dim=0)) / 2  # [P, W]
+            combined = ((total / count).view(len(qf), -1) + qc @ F.normalize(kc, dim=0)) / 2  # [P, W]
             s, arg = combined.max(1)
             better = (s > score).numpy()
             score = torch.maximum(s, score)
             best[better] = ijk[arg.numpy()[better]]
-        return index_to_world(ef.fine_affine, best), score.numpy()
+        return best, score.numpy()
+
+
+def context_steps(context: int) -> np.ndarray:
+    """The template of the global search: the point and its six neighbours `context` fine voxels
+    away along each grid axis -> int64 [7, 3] (just [[0, 0, 0]] for context 0)."""
+    if context == 0:
+        return np.zeros((1, 3), dtype=np.int64)
+    axes = np.eye(3, dtype=np.int64) * context
+    return np.concatenate([np.zeros((1, 3), dtype=np.int64), axes, -axes])
+
+
+def subvoxel_offsets(fine: np.ndarray, best: np.ndarray, qf: np.ndarray) -> np.ndarray:
+    """Where between fine voxels the peak lies: per axis, the vertex of the parabola through the fine
+    cosine of the query at the best voxel and at its two neighbours on that axis, in voxels, in
+    [-0.5, 0.5] (0 where a neighbour is outside the grid or the three values do not curve down).
+    fine [Xf, Yf, Zf, C] (the key's grid, a memory map is fine), best [P, 3] int fine indices,
+    qf [P, C] unit query embeddings -> offsets [P, 3].
+
+    The coarse term is left out: across one fine voxel it is nearly linear and only tilts the
+    parabola towards the coarse peak. A 4 mm grid alone puts a match ~2 mm from the point at the
+    median; this brings identical embeddings to a fraction of that."""
+    shape = np.asarray(fine.shape[:3])
+    steps = np.concatenate([np.zeros((1, 3)), np.eye(3), -np.eye(3)]).astype(np.int64)  # [7, 3]
+    idx = best[:, None, :] + steps[None]  # [P, 7, 3]: the voxel, then +x +y +z, then -x -y -z
+    inside = ((idx >= 0) & (idx < shape)).all(-1)  # [P, 7]
+    idx = np.clip(idx, 0, shape - 1)
+    vals = fine[idx[..., 0], idx[..., 1], idx[..., 2]].astype(np.float32)  # [P, 7, C]
+    s = np.einsum("pkc,pc->pk", vals, np.asarray(qf, dtype=np.float32))  # [P, 7]
+    plus, minus = s[:, 1:4], s[:, 4:7]  # [P, 3] each
+    curve = plus - 2 * s[:, :1] + minus  # [P, 3]: 2a of the parabola a t^2 + b t + c
+    ok = inside[:, 1:4] & inside[:, 4:7] & (curve < 0)
+    return np.where(ok, np.clip(0.5 * (minus - plus) / np.where(ok, curve, -1.0), -0.5, 0.5), 0.0)
 
 
 def coarse_candidates(sim_c: np.ndarray, cshape, k: int) -> np.ndarray:
@@ -259,19 +331,25 @@ def _as_tensor(mapped: np.ndarray) -> torch.Tensor:
 
 
 def add_matcher_arguments(p: argparse.ArgumentParser, window_default: int | None = DEFAULT_WINDOW) -> None:
-    """`--window`, `--candidates`, `--search`: the flags that build a `Matcher` (`matcher_from_args`)."""
+    """`--window`, `--candidates`, `--context`, `--search`: the flags that build a `Matcher`
+    (`matcher_from_args`)."""
     p.add_argument("--window", type=positive_int, default=window_default,
                    help="fine-search window edge in fine voxels around each coarse candidate")
     p.add_argument("--candidates", type=positive_int, default=DEFAULT_CANDIDATES,
                    help="window search: fine windows around this many best coarse voxels (kept at least "
                         "two coarse voxels apart); the best (fine + coarse) / 2 among them wins; 1 = the "
                         "coarse argmax alone (the reference SAM searches globally: --search global)")
-    p.add_argument("--search", choices=SEARCH_MODES, default="window",
-                   help="'window': fine search around the best coarse voxels (as the pair sampler "
-                        "matches); 'global': (fine + coarse) / 2 at every fine voxel of the key case "
-                        "(slower; independent of the coarse argmax); 'coarse': the coarse argmax alone "
-                        "(where the coarse half points)")
+    p.add_argument("--context", type=non_negative_int, default=DEFAULT_CONTEXT,
+                   help="global search: compare the point and its six neighbours this many fine voxels "
+                        "away with the key's at the same offsets (0: the point's vector alone)")
+    p.add_argument("--search", choices=SEARCH_MODES, default="global",
+                   help="'global': (fine + coarse) / 2 at every fine voxel of the key case, the fine term "
+                        "over the --context template (the reference SAM's search; seconds per case pair); "
+                        "'window': fine search around the best coarse voxels only (as the pair sampler "
+                        "matches: milliseconds, but lost when the coarse half points elsewhere); 'coarse': "
+                        "the coarse argmax alone (where the coarse half points)")
 
 
 def matcher_from_args(embed_dir, args: argparse.Namespace) -> Matcher:
-    return Matcher(embed_dir, window=args.window, search=args.search, candidates=args.candidates)
+    return Matcher(embed_dir, window=args.window, search=args.search, candidates=args.candidates,
+                   context=args.context)
