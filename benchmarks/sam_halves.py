@@ -10,8 +10,8 @@ On cases with known landmarks (phantoms), for the embeddings of `--embed_dir`:
   (alice_ds.sam.oracle: anatomical position up to an affine landmark fit), window search: what the
   fine half gives when the coarse half is right;
 - `oracle`: both halves from the landmark fit (the accuracy of that fit);
-- `learned fine + atlas coarse` and `atlas oracle` (phantom landmark files only, `--no_atlas` skips
-  them): the same with the generator's exact anatomical frame
+- `learned fine + atlas coarse` (window and global search) and `atlas oracle` (phantom landmark
+  files only, `--no_atlas` skips them): the same with the generator's exact anatomical frame
   (`alice_ds.sam.oracle.write_atlas_oracle_embedding`) instead of the landmark fit: what a perfect
   geometric coarse half gives, and exact correspondence up to the per-case organ shifts (the
   ceiling of anatomy mapped geometrically, on landmarks that move with their organ).
@@ -47,6 +47,9 @@ def main(argv=None) -> int:
                    help="coarse candidates of the window searches (1: the coarse argmax alone)")
     p.add_argument("--no_atlas", action="store_true",
                    help="skip the atlas-oracle rows (needs phantom landmark files with info.generator)")
+    p.add_argument("--keep", default=None, metavar="DIR",
+                   help="write the oracle and mixed embedding folders (oracle/, mixed/, atlas/, mixed_atlas/) "
+                        "here and keep them (default: a temporary folder)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results here")
     args = p.parse_args(argv)
 
@@ -58,6 +61,13 @@ def main(argv=None) -> int:
     except UserError as e:
         fail(str(e))
         return 2
+
+
+def fixed_cell(r: dict) -> str:
+    """'% within 10 mm' of the atlas-fixed and the organ-bound phantom landmarks: '32 / 60'."""
+    if "fixed" not in r:
+        return "-"
+    return f"{100 * r['fixed']['within_10mm']:.0f} / {100 * r['organ_bound']['within_10mm']:.0f}"
 
 
 def _run(args) -> int:
@@ -83,12 +93,13 @@ def _run(args) -> int:
     oracles = {"oracle": "mixed"} if args.no_atlas else {"oracle": "mixed", "atlas": "mixed_atlas"}
     results, per_landmark = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        tmp = Path(args.keep or tmp)
         evaluations = [("learned, window", args.embed_dir, "window"), ("learned, global", args.embed_dir, "global"),
                        ("learned coarse alone", args.embed_dir, "coarse"),
                        ("learned fine + oracle coarse", tmp / "mixed", "window"), ("oracle", tmp / "oracle", "window")]
         if not args.no_atlas:
             evaluations += [("learned fine + atlas coarse", tmp / "mixed_atlas", "window"),
+                            ("learned fine + atlas coarse, global", tmp / "mixed_atlas", "global"),
                             ("atlas oracle", tmp / "atlas", "window")]
         for c in cases:
             case = open_case(args.cache_dir, c)
@@ -111,11 +122,12 @@ def _run(args) -> int:
         for name, directory, search in evaluations:
             r = evaluate(directory, marks, window=window, only=set(cases), search=search, candidates=args.candidates)
             results[name], per_landmark[name] = r["overall"], r["per_landmark"]
+            results[name] |= {k: r[k] for k in ("fixed", "organ_bound") if k in r}
     rows = [[name, r["n"], f"{r['median_mm']:.1f}", f"{r['mean_mm']:.1f}", f"{100 * r['within_10mm']:.1f}",
-             axes_cell(r)] for name, r in results.items()]
+             f"{100 * r['beyond_50mm']:.1f}", fixed_cell(r), axes_cell(r)] for name, r in results.items()]
     console.print(table(f"SAM halves: {len(cases)} cases, window {window}, {args.candidates} coarse candidates",
-                        ["embeddings", "n", "median mm", "mean mm", "% within 10 mm",
-                         AXES_HEADER], rows))
+                        ["embeddings", "n", "median mm", "mean mm", "% within 10 mm", "% beyond 50 mm",
+                         "fixed / organ-bound % within 10 mm", AXES_HEADER], rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"cases": cases, "window": window, "candidates": args.candidates,
                                                "results": results, "per_landmark": per_landmark}, indent=2))

@@ -20,12 +20,15 @@ from alice_ds.console import console, progress, table
 from alice_ds.data import case_key
 from alice_ds.data.datalist import split_case_ids
 from alice_ds.data.landmarks import load_landmarks
+from alice_ds.data.phantom import ATLAS_FIXED_LANDMARKS, LANDMARK_LABELS
 from alice_ds.errors import UserError
-from alice_ds.sam import DEFAULT_CANDIDATES, DEFAULT_WINDOW
+from alice_ds.sam import DEFAULT_CANDIDATES, DEFAULT_CONTEXT, DEFAULT_WINDOW
 from alice_ds.sam.io import list_embeddings
 from alice_ds.sam.matcher import Matcher, add_matcher_arguments
 
 WITHIN_MM = 10.0
+GROSS_MM = 50.0
+"""A match this far off lands at another body level: counted as a gross failure (`beyond_50mm`)."""
 AXES_HEADER = "median |x|/|y|/|z| mm"
 """Table column of a summary's median_abs_xyz_mm (see axes_cell)."""
 
@@ -47,11 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def summarize(deltas) -> dict:
     """Match - landmark offsets [N, 3] in world mm (RAS axes) -> n, mean_mm, median_mm, within_10mm
-    (of the distances) and median_abs_xyz_mm (per axis: which direction the errors go)."""
+    (of the distances), beyond_50mm (gross failures: another body level) and median_abs_xyz_mm (per
+    axis: which direction the errors go)."""
     d = np.asarray(deltas, dtype=np.float64).reshape(-1, 3)
     e = np.linalg.norm(d, axis=1)
     return {"n": int(e.size), "mean_mm": float(e.mean()), "median_mm": float(np.median(e)),
-            "within_10mm": float((e <= WITHIN_MM).mean()),
+            "within_10mm": float((e <= WITHIN_MM).mean()), "beyond_50mm": float((e > GROSS_MM).mean()),
             "median_abs_xyz_mm": [float(v) for v in np.median(np.abs(d), axis=0)]}
 
 
@@ -61,11 +65,12 @@ def axes_cell(summary: dict) -> str:
 
 
 def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int = DEFAULT_WINDOW,
-             on_pair=None, only=None, search: str = "window", candidates: int = DEFAULT_CANDIDATES) -> dict:
+             on_pair=None, only=None, search: str = "global", candidates: int = DEFAULT_CANDIDATES,
+             context: int = DEFAULT_CONTEXT) -> dict:
     """Match every common landmark over the chosen case pairs. -> {"overall": summary,
-    "per_landmark": {name: summary}, "pairs": n, "cases": [...]} (summary: n, mean_mm, median_mm,
-    within_10mm as a fraction, median_abs_xyz_mm). `only`: restrict to these case ids; `search`,
-    `candidates`: the Matcher's."""
+    "per_landmark": {name: summary}, "pairs": n, "cases": [...]} (summary: see `summarize`), plus
+    "fixed" and "organ_bound" summaries when every landmark is a phantom's (ATLAS_FIXED_LANDMARKS).
+    `only`: restrict to these case ids; `search`, `candidates`, `context`: the Matcher's."""
     cases = [c for c in list_embeddings(embed_dir)
              if case_key(c) in landmarks and (only is None or c in only)]
     if len(cases) < 2:
@@ -75,7 +80,7 @@ def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int
         n = int(pairs)
         rng = np.random.default_rng(seed)
         ordered = [ordered[i] for i in rng.permutation(len(ordered))[:n]]
-    matcher = Matcher(embed_dir, window=window, search=search, candidates=candidates)
+    matcher = Matcher(embed_dir, window=window, search=search, candidates=candidates, context=context)
     per: dict[str, list[np.ndarray]] = {}  # landmark -> match - landmark offsets [3] mm
     for q, k in ordered:
         lq, lk = landmarks[case_key(q)], landmarks[case_key(k)]
@@ -88,9 +93,15 @@ def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int
             on_pair()
     if not per:
         raise UserError(f"{embed_dir}: no landmark is shared by any evaluated case pair")
-    return {"overall": summarize([e for v in per.values() for e in v]),
-            "per_landmark": {n: summarize(v) for n, v in sorted(per.items())},
-            "pairs": len(ordered), "cases": cases}
+    out = {"overall": summarize([e for v in per.values() for e in v]),
+           "per_landmark": {n: summarize(v) for n, v in sorted(per.items())},
+           "pairs": len(ordered), "cases": cases}
+    if set(per) <= set(LANDMARK_LABELS):  # phantom landmarks: atlas-fixed vs organ-bound
+        for split, names in (("fixed", [n for n in per if n in ATLAS_FIXED_LANDMARKS]),
+                             ("organ_bound", [n for n in per if n not in ATLAS_FIXED_LANDMARKS])):
+            if names:
+                out[split] = summarize([e for n in names for e in per[n]])
+    return out
 
 
 def run(args) -> int:
@@ -105,19 +116,26 @@ def run(args) -> int:
         task = bar.add_task("sam-eval", total=total)
         res = evaluate(args.embed_dir, marks, args.pairs, args.seed, args.window,
                        on_pair=lambda: bar.advance(task), only=only, search=args.search,
-                       candidates=args.candidates)
+                       candidates=args.candidates, context=args.context)
     res["seconds_per_pair"] = (time.time() - t0) / max(res["pairs"], 1)
     rows = [[name, s["n"], f"{s['mean_mm']:.2f}", f"{s['median_mm']:.2f}", f"{100 * s['within_10mm']:.1f}",
              axes_cell(s)]
             for name, s in [*res["per_landmark"].items(), ("overall", res["overall"])]]
+    rows += [[f"{split} (phantom)", s["n"], f"{s['mean_mm']:.2f}", f"{s['median_mm']:.2f}",
+              f"{100 * s['within_10mm']:.1f}", axes_cell(s)]
+             for split, s in ((k, res[k]) for k in ("fixed", "organ_bound") if k in res)]
     console.print(table(f"SAM landmark matching ({args.search} search): {len(res['cases'])} cases, "
                         f"{res['pairs']} ordered pairs",
                         ["landmark", "n", "mean mm", "median mm", "% within 10 mm", AXES_HEADER],
                         rows))
+    console.print(f"beyond {GROSS_MM:g} mm (another body level): {100 * res['overall']['beyond_50mm']:.1f} % of "
+                  f"{res['overall']['n']} matches", highlight=False)
     if args.json:
         doc = {**res["overall"], "overall": res["overall"], "per_landmark": res["per_landmark"],
+               **{k: res[k] for k in ("fixed", "organ_bound") if k in res},
                "pairs": res["pairs"], "cases": res["cases"], "seconds_per_pair": res["seconds_per_pair"],
-               "search": args.search, "window": args.window, "candidates": args.candidates}
+               "search": args.search, "window": args.window, "candidates": args.candidates,
+               "context": args.context}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2))
     return 0

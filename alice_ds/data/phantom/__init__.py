@@ -20,12 +20,18 @@ points, redrawing a Subject from a landmark file), `write` (cases and datasets o
 """
 
 from alice_ds.data.phantom.anatomy import ATLAS_Z_TOP, LABELS, PHANTOM_AIR_HU, PHASES, TISSUE_HU
-from alice_ds.data.phantom.landmarks import LANDMARK_DECIMALS, LANDMARK_LABELS, subject_for_landmarks
-from alice_ds.data.phantom.subject import FULL, SMALL, Profile, Subject, draw_subject
+from alice_ds.data.phantom.landmarks import (
+    ATLAS_FIXED_LANDMARKS,
+    LANDMARK_DECIMALS,
+    LANDMARK_LABELS,
+    subject_for_landmarks,
+)
+from alice_ds.data.phantom.subject import FULL, SMALL, Profile, Subject, corresponding_points, draw_subject
 from alice_ds.data.phantom.write import PhantomCase, generate_case, write_case, write_dataset
 
 __all__ = [
-    "ATLAS_Z_TOP", "FULL", "LABELS", "LANDMARK_DECIMALS", "LANDMARK_LABELS", "PHANTOM_AIR_HU", "PHASES", "SMALL",
-    "TISSUE_HU", "PhantomCase", "Profile", "Subject", "draw_subject", "generate_case", "subject_for_landmarks",
-    "write_case", "write_dataset",
+    "ATLAS_FIXED_LANDMARKS", "ATLAS_Z_TOP", "FULL", "LABELS", "LANDMARK_DECIMALS", "LANDMARK_LABELS",
+    "PHANTOM_AIR_HU", "PHASES", "SMALL",
+    "TISSUE_HU", "PhantomCase", "Profile", "Subject", "corresponding_points", "draw_subject", "generate_case",
+    "subject_for_landmarks", "write_case", "write_dataset",
 ]

@@ -56,6 +56,13 @@ LANDMARK_LABELS = {
 }
 """Landmark name -> the LABELS organ it lies in."""
 
+ATLAS_FIXED_LANDMARKS = frozenset(
+    [n for n, organ in LANDMARK_LABELS.items() if organ in ("vertebrae", "pelvis", "airway")]
+    + ["aorta_bifurcation", "aorta_celiac", "aorta_thoracic"])
+"""Landmarks placed by the atlas alone: they move with the subject map but not with any organ's own
+shift and size (the others, organ centroids and poles and the renal aorta, do: up to 9 mm per axis),
+so a geometric correspondence can find them exactly."""
+
 _LANDMARK_MARGIN_MM = 3.0
 """A case's landmark file keeps only the landmarks at least this far inside its field of view."""
 LANDMARK_DECIMALS = 3

@@ -198,6 +198,14 @@ class _Grid:
         return p
 
 
+def corresponding_points(source: Subject, target: Subject, points_mm) -> np.ndarray:
+    """The true correspondence between two phantom subjects: world mm `[P, 3]` of `source` -> the
+    world mm `[P, 3]` of `target` with the same atlas position (subject map and its inverse; each
+    organ's own shift, at most 9 mm per axis, is not in it). Points outside a subject's field of view
+    map all the same (the map is defined everywhere)."""
+    return _Grid(target).atlas_to_world(source.world_to_atlas(points_mm))
+
+
 def _subject_and_rng(index: int, seed: int, small: bool) -> tuple[Subject, np.random.Generator]:
     """Case `index`'s generator (seeded by (seed, index)) and the Subject it draws first; rendering
     goes on with the same generator."""
