@@ -248,11 +248,54 @@ def anatomy_mix(cache, embed, raw: Path, cfg, calls: int, seed: int) -> dict:
             for rule, got in found.items()}
 
 
+def precision_table(cache, embed, landmarks, common: dict, cycles, samples: int, seed: int) -> dict:
+    """Pair precision (alice_ds.sampler.precision: anchor centre within 20 mm of the true
+    correspondence, phantoms only), acceptance and pairs per CPU-second without augmentation, for
+    each cycle-check radius in `cycles` (0: none), over the first `samples` samples of one rank's
+    stream -> {f"cycle {r} mm": report}."""
+    from alice_ds.sampler import PairDataset, SamplerConfig
+    from alice_ds.sampler.precision import pair_errors_mm, precision_report
+
+    out, subjects = {}, None
+    for radius in cycles:
+        cfg = SamplerConfig(**common, rotation=0.0, noise_std=0.0, cycle_mm=float(radius))
+        ds = PairDataset(cache, embed, cfg, seed=seed, rank=0, world_size=1)
+        subjects = subjects or _subjects(landmarks, ds.cases)
+        it = iter(ds)
+        for _ in range(min(len(ds.cases), samples)):  # warm-up: body lists and coarse grids
+            next(it)
+        ds._counts = dict.fromkeys(ds._counts, 0)
+        c0 = time.process_time()
+        got = [next(it) for _ in range(samples)]
+        cpu = time.process_time() - c0
+        stats = ds.stats()
+        report = precision_report(pair_errors_mm(got, subjects), stats["matcher_calls"])
+        report |= {"pairs_per_cpu_s": samples / cpu, "sample_acceptance": stats["acceptance_rate"],
+                   "kinds": {k: stats[k] for k in ("inter", "best", "intra")},
+                   "best_fallback_precision": precision_report(pair_errors_mm(got, subjects, ("best",)),
+                                                               1)["precision"]}
+        out[f"cycle {radius:g} mm" if radius else "no cycle check"] = report
+    return out
+
+
+def _subjects(landmarks, case_ids) -> dict:
+    from alice_ds.sampler.precision import phantom_subjects
+    return phantom_subjects(landmarks, case_ids)
+
+
 def _count(items: list[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for x in items:
         out[x] = out.get(x, 0) + 1
     return out
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def _mm(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def main(argv=None) -> int:
@@ -271,11 +314,21 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     ap.add_argument("--device_batch", type=int, default=8,
                     help="pairs per apply_device_augment call (augment_on='device'), timed on this CPU")
+    ap.add_argument("--num_candidates", type=int, default=SamplerConfig.num_candidates,
+                    help="query points per matcher call (SamplerConfig.num_candidates)")
     ap.add_argument("--match_candidates", type=int, default=SamplerConfig.match_candidates,
                     help="coarse candidates per matcher point (SamplerConfig.match_candidates)")
     ap.add_argument("--seed", type=int, default=0, help="phantom and sampling seed")
     ap.add_argument("--mix_calls", type=int, default=200,
                     help="matcher calls for the anatomical mix of the query crops (0: skip it)")
+    ap.add_argument("--cache_dir", type=Path, help="use this cache (with --embed_dir and --landmarks: learned "
+                    "embeddings of phantom cases) instead of building phantoms and oracle embeddings")
+    ap.add_argument("--embed_dir", type=Path, help="embeddings of the --cache_dir cases (alice-ds embed)")
+    ap.add_argument("--landmarks", type=Path, help="the phantoms' landmark folder (precision needs the generator)")
+    ap.add_argument("--precision_samples", type=int, default=200,
+                    help="samples per row of the precision table (0: skip it)")
+    ap.add_argument("--cycle_mm", type=float, nargs="+", default=[0.0, 16.0],
+                    help="cycle-check radii of the precision table's rows (0: no cycle check)")
     ap.add_argument("--score_threshold", type=float, default=SamplerConfig.score_threshold,
                     help="acceptance threshold for both samplers; oracle embeddings score ~1 at a true "
                          "match, so a higher threshold mimics the lower acceptance of a learned SAM")
@@ -289,18 +342,25 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # per-core rates: one DataLoader worker runs one thread
     tune_worker_allocator()  # as PairDataset does in each DataLoader worker
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="alice_sampler_bench_"))
-    cache, embed = build_data(work, args.num_cases, args.seed, args.spacing)
+    if args.cache_dir:
+        if not (args.embed_dir and args.landmarks):
+            ap.error("--cache_dir needs --embed_dir and --landmarks")
+        cache, embed, landmarks = args.cache_dir, args.embed_dir, args.landmarks
+    else:
+        cache, embed = build_data(work, args.num_cases, args.seed, args.spacing)
+        landmarks = work / "phantom" / "landmarks"
 
     results = {}
     thr = args.score_threshold
-    common = dict(roi=args.roi, score_threshold=thr, match_candidates=args.match_candidates)
+    common = dict(roi=args.roi, score_threshold=thr, match_candidates=args.match_candidates,
+                  num_candidates=args.num_candidates)
     for name, cfg in (("plain", SamplerConfig(**common, rotation=0.0, noise_std=0.0)),
                       ("augmented", SamplerConfig(**common)),
                       ("device_aug", SamplerConfig(**common, augment_on="device"))):
         ds = PairDataset(cache, embed, cfg, seed=args.seed, rank=0, world_size=1)
         stages = Stages(ds)
         it = iter(ds)
-        for _ in range(args.num_cases):  # warm-up: body lists and coarse grids of every case
+        for _ in range(min(len(ds.cases), 24)):  # warm-up: body lists and coarse grids of the cases
             next(it)
         stages.reset()
         c0 = time.process_time()
@@ -349,7 +409,7 @@ def main(argv=None) -> int:
                  "baseline_pairs_per_s": base_rate["wall"], "ratio": plain["wall"] / base_rate["wall"]},
         "runs": {"ours": plain, "ours_augmented": aug, "ours_device_aug": dev, "baseline": base_rate,
                  "device_augment_batches": device_aug},
-        "config": {"roi": args.roi, "spacing_mm": args.spacing, "num_cases": args.num_cases,
+        "config": {"roi": args.roi, "spacing_mm": args.spacing, "num_cases": len(base.cases),
                    "case_shapes": shapes, "pairs": args.pairs, "baseline_pairs": args.baseline_pairs,
                    "repeats": args.repeats, "device_batch": args.device_batch, "torch_threads": 1,
                    "sampler": SamplerConfig(**common).__dict__},
@@ -376,8 +436,16 @@ def main(argv=None) -> int:
     if cuda_aug:
         console.print(f"on {cuda_aug['device']}: {report['device_augment_cuda_ms_per_pair']:.3f} ms per pair "
                       f"(batch {args.device_batch} already on the GPU)")
+    if args.precision_samples:
+        prec = precision_table(cache, embed, landmarks, common, args.cycle_mm, args.precision_samples, args.seed)
+        report["precision"] = prec
+        console.print(table(f"pair precision: accepted pairs with the anchor within 20 mm of the true "
+                            f"correspondence, {args.precision_samples} samples, no augmentation",
+                            ["sampler", "precision", "acceptance (per call)", "median mm", "p95 mm", "pairs/CPU-s"],
+                            [[k, _pct(r["precision"]), _pct(r["acceptance"]), _mm(r["median_mm"]), _mm(r["p95_mm"]),
+                              f"{r['pairs_per_cpu_s']:.3g}"] for k, r in prec.items()]))
     if args.mix_calls:
-        mix = anatomy_mix(cache, embed, work / "phantom", SamplerConfig(**common), args.mix_calls, args.seed)
+        mix = anatomy_mix(cache, embed, landmarks.parent, SamplerConfig(**common), args.mix_calls, args.seed)
         report["anatomy_mix"] = mix
         rules = list(mix)
         shown = sorted({k for m in mix.values() for k in m}, key=lambda k: -mix[rules[0]].get(k, 0.0))

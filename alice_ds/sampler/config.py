@@ -38,16 +38,24 @@ class SamplerConfig:
     """How the anchor view is found: `sam` (the query point's SAM match in another case), `random`
     (a random body point of a random other case) or `intra` (a second augmentation of the query
     crop); the last two are ablations."""
-    num_candidates: int = 32
+    num_candidates: int = 8
     """Query points of case A scored together in one matcher call; one is chosen uniformly among
-    those whose match reaches score_threshold (the best-scoring one would favour the most matchable
-    anatomy)."""
+    those whose match reaches score_threshold and passes the cycle check (the best-scoring one would
+    favour the most matchable anatomy). 8 instead of 32 since the cycle check: on phantoms nearly
+    every call still yields a pair, at 1.2-1.5x the pairs/s
+    (docs/experiments/2026-12-02-sam-matching-and-pair-precision.md)."""
     score_threshold: float = 0.7
     """Minimum match score, (cos_fine + cos_coarse) / 2, for an inter pair (paper code: 0.7)."""
     fallback: str = "intra"
     """When no candidate passes in 1 + max_retries matcher calls: `intra` (two augmentations of one
     crop of A), `best` (the best-scoring match anyway, as the reference does) or `retry` (new partners
     until one passes, at most 100 calls, then the best match)."""
+    cycle_mm: float = 16.0
+    """Cycle check: a passing candidate is kept only if its match, matched back from case B into case
+    A, lands within this many mm of the query point (fixed-point matching, as in SAMv2); 0 turns it
+    off. It costs one more matcher call per sample. On phantoms it took the pairs whose anchor lies
+    within 20 mm of the true correspondence from 71 to 92-96 % with a right coarse half, and from 11
+    to 22-25 % with today's learned one (docs/experiments/2026-12-02-sam-matching-and-pair-precision.md)."""
     match_window: int = 8
     """Edge of the matcher's fine-search window in fine voxels (4 mm each): 32 mm. The matcher's
     own default (`alice_ds.sam.DEFAULT_WINDOW`) is wider, for landmark accuracy; here the window's
@@ -98,6 +106,7 @@ class SamplerConfig:
             (self.pairing in PAIRINGS, "pairing", f"one of {', '.join(PAIRINGS)}"),
             (self.fallback in FALLBACKS, "fallback", f"one of {', '.join(FALLBACKS)}"),
             (-1.0 <= self.score_threshold <= 1.0, "score_threshold", "in [-1, 1] (a cosine similarity)"),
+            (self.cycle_mm >= 0.0, "cycle_mm", ">= 0 mm (0: no cycle check)"),
             (self.match_window >= 1, "match_window", ">= 1 fine voxel"),
             (self.match_candidates >= 1, "match_candidates", ">= 1"),
             (self.max_retries >= 0, "max_retries", ">= 0"),
