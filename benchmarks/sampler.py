@@ -253,34 +253,30 @@ def precision_table(cache, embed, landmarks, common: dict, cycles, samples: int,
     correspondence, phantoms only), acceptance and pairs per CPU-second without augmentation, for
     each cycle-check radius in `cycles` (0: none), over the first `samples` samples of one rank's
     stream -> {f"cycle {r} mm": report}."""
+    from alice_ds.data.cache import list_cases
     from alice_ds.sampler import PairDataset, SamplerConfig
-    from alice_ds.sampler.precision import pair_errors_mm, precision_report
+    from alice_ds.sampler.precision import PRECISION_RADIUS_MM, pair_errors_mm, phantom_subjects, precision_report
 
-    out, subjects = {}, None
+    subjects, out = phantom_subjects(landmarks, list_cases(cache)), {}
     for radius in cycles:
         cfg = SamplerConfig(**common, rotation=0.0, noise_std=0.0, cycle_mm=float(radius))
         ds = PairDataset(cache, embed, cfg, seed=seed, rank=0, world_size=1)
-        subjects = subjects or _subjects(landmarks, ds.cases)
         it = iter(ds)
         for _ in range(min(len(ds.cases), samples)):  # warm-up: body lists and coarse grids
             next(it)
-        ds._counts = dict.fromkeys(ds._counts, 0)
         c0 = time.process_time()
         got = [next(it) for _ in range(samples)]
         cpu = time.process_time() - c0
-        stats = ds.stats()
-        report = precision_report(pair_errors_mm(got, subjects), stats["matcher_calls"])
-        report |= {"pairs_per_cpu_s": samples / cpu, "sample_acceptance": stats["acceptance_rate"],
-                   "kinds": {k: stats[k] for k in ("inter", "best", "intra")},
-                   "best_fallback_precision": precision_report(pair_errors_mm(got, subjects, ("best",)),
-                                                               1)["precision"]}
+        kinds = _count([s["kind"] for s in got])
+        matched = [s for s in got if s["tries"] > 0]  # samples that called the matcher
+        report = precision_report(pair_errors_mm(got, subjects), sum(s["tries"] for s in matched))
+        best = pair_errors_mm(got, subjects, ("best",))
+        report |= {"pairs_per_cpu_s": samples / cpu,
+                   "sample_acceptance": kinds.get("inter", 0) / len(matched) if matched else None,
+                   "kinds": {k: kinds.get(k, 0) for k in ("inter", "best", "intra")},
+                   "best_fallback_precision": float(np.mean(best <= PRECISION_RADIUS_MM)) if len(best) else None}
         out[f"cycle {radius:g} mm" if radius else "no cycle check"] = report
     return out
-
-
-def _subjects(landmarks, case_ids) -> dict:
-    from alice_ds.sampler.precision import phantom_subjects
-    return phantom_subjects(landmarks, case_ids)
 
 
 def _count(items: list[str]) -> dict[str, int]:
@@ -360,7 +356,7 @@ def main(argv=None) -> int:
         ds = PairDataset(cache, embed, cfg, seed=args.seed, rank=0, world_size=1)
         stages = Stages(ds)
         it = iter(ds)
-        for _ in range(min(len(ds.cases), 24)):  # warm-up: body lists and coarse grids of the cases
+        for _ in range(len(ds.cases)):  # warm-up: body lists and coarse grids of the cases
             next(it)
         stages.reset()
         c0 = time.process_time()

@@ -19,8 +19,8 @@ argmax, as the reference SAM's own inference does. Its fine term compares a *tem
 point and its six neighbours `context` fine voxels away (`context_steps`), each with the key voxel at
 the same offset, averaged over the offsets inside the key's grid. One vector alone is ambiguous in
 homogeneous tissue and along the repeated vertebrae; the template is what makes the global search
-land (docs/experiments/2026-12-02-sam-matching-and-pair-precision.md). It reads the whole fine grid of the key
-case per call, once per template offset (seconds per case pair, vs 0.06 s with the window), so the
+land (docs/experiments/2026-12-02-sam-matching-and-pair-precision.md). It reads the whole fine
+grid of the key case per call, once per template offset (seconds per case pair, vs 0.06 s with the window), so the
 pair sampler keeps the window.
 
 Every match but `search="coarse"` ends at the best fine voxel moved by `subvoxel_offsets` (the
@@ -152,12 +152,11 @@ class Matcher:
         if self.search == "window":
             cands = coarse_candidates(sim_c.numpy(), cshape, self.candidates)  # [P, K, 3]
         sim_c = sim_c.view(len(pts), 1, *cshape)  # [P, Nc] -> [P, 1, Xc, Yc, Zc]
-        steps = context_steps(self.context if self.search == "global" else 0)  # [T, 3] key fine voxels
-        qft = qf[:, None]  # [P, 1, C]: the query's fine embedding at each template offset
-        if len(steps) > 1:
+        if self.search == "global":
+            steps = context_steps(self.context)  # [T, 3] fine voxels of the key
             offsets_mm = steps @ ef.fine_affine[:3, :3].T  # [T, 3]: the key's voxel steps in world mm
             qft = self.query_features(query_case, (pts[:, None] + offsets_mm[None]).reshape(-1, 3))[0]
-            qft = qft.view(len(pts), len(steps), -1)  # [P * T, C] -> [P, T, C]
+            qft = qft.view(len(pts), len(steps), -1)  # [P * T, C] -> [P, T, C]: the query at each offset
         matched, scores = [], []
         chunk = max(POINTS_PER_CHUNK // self.candidates, 1) if self.search == "window" else POINTS_PER_CHUNK
         for s in range(0, len(pts), chunk):
@@ -288,8 +287,7 @@ def subvoxel_offsets(fine: np.ndarray, best: np.ndarray, qf: np.ndarray) -> np.n
     parabola towards the coarse peak. A 4 mm grid alone puts a match ~2 mm from the point at the
     median; this brings identical embeddings to a fraction of that."""
     shape = np.asarray(fine.shape[:3])
-    steps = np.concatenate([np.zeros((1, 3)), np.eye(3), -np.eye(3)]).astype(np.int64)  # [7, 3]
-    idx = best[:, None, :] + steps[None]  # [P, 7, 3]: the voxel, then +x +y +z, then -x -y -z
+    idx = best[:, None, :] + context_steps(1)[None]  # [P, 7, 3]: the voxel, then +x +y +z, then -x -y -z
     inside = ((idx >= 0) & (idx < shape)).all(-1)  # [P, 7]
     idx = np.clip(idx, 0, shape - 1)
     vals = fine[idx[..., 0], idx[..., 1], idx[..., 2]].astype(np.float32)  # [P, 7, C]

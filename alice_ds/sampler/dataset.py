@@ -4,11 +4,11 @@ For a query case A (this rank's shard of the epoch) `num_candidates` points are 
 body and matched into a random partner case B != A with ONE `Matcher.match` call; one candidate is
 drawn uniformly among those whose score (mean of fine and coarse cosine) reaches the threshold and
 whose match maps back near it (`cycle_mm`): a crop around it in A is the *query* view, a crop around
-its match in B the *anchor* view. When none
-passes, new partners and candidates are tried (`max_retries`), then the `fallback` decides (an intra
-pair, or the best match anyway; counted). `pairing` `random` / `intra` and `embed_dir=None` are the
-ablations without SAM. Views are augmented in the worker or, with `augment_on="device"`, the
-worker ships the drawn parameters and `apply_device_augment` applies them on the training device.
+its match in B the *anchor* view. When none passes, new partners and candidates are tried
+(`max_retries`), then the `fallback` decides (an intra pair, or the best match anyway; counted).
+`pairing` `random` / `intra` and `embed_dir=None` are the ablations without SAM. Views are augmented
+in the worker or, with `augment_on="device"`, the worker ships the drawn parameters and
+`apply_device_augment` applies them on the training device.
 
 Reproducibility. Sample n of rank r's stream is a pure function of (seed, r, n) and the data: its
 query case comes from a per-epoch permutation seeded by (seed, epoch), every random draw from a
@@ -42,9 +42,8 @@ from alice_ds.views import VIEWS
 
 COUNTERS = ("samples", "inter", "best", "intra", "random", "fallback_intra", "fallback_best", "matcher_calls")
 CYCLE_CHUNK = 2
-"""Passing candidates matched back per matcher call by the cycle check: with a right coarse half most
-pass, so two usually suffice (89 vs 81 pairs/CPU-s with 8 on the held-out phantoms; the pairs drawn
-are the same)."""
+"""Passing candidates matched back per call by the cycle check: most pass with a right coarse half
+(89 vs 81 pairs/CPU-s with 8 on the held-out phantoms, the same pairs)."""
 OPEN_CASES = 64
 """Cached volumes kept open (memory maps) per process; a map holds a file descriptor."""
 
@@ -222,8 +221,10 @@ class PairDataset(IterableDataset):
         `order` is the passing candidates in random order, so the one returned is uniform among those
         that pass; they are matched back CYCLE_CHUNK at a time."""
         limit = self.config.cycle_mm
-        if limit <= 0 or len(order) == 0:
-            return int(order[0]) if len(order) else None
+        if len(order) == 0:
+            return None
+        if limit <= 0:
+            return int(order[0])
         for s in range(0, len(order), CYCLE_CHUNK):
             chunk = order[s:s + CYCLE_CHUNK]
             back, _ = self.matcher.match(case_b, case_a, matched[chunk])  # [k, 3] world mm in case A

@@ -31,7 +31,6 @@ from alice_ds.data.phantom.write import PhantomCase, generate_case, write_case, 
 
 __all__ = [
     "ATLAS_FIXED_LANDMARKS", "ATLAS_Z_TOP", "FULL", "LABELS", "LANDMARK_DECIMALS", "LANDMARK_LABELS",
-    "PHANTOM_AIR_HU", "PHASES", "SMALL",
-    "TISSUE_HU", "PhantomCase", "Profile", "Subject", "corresponding_points", "draw_subject", "generate_case",
-    "subject_for_landmarks", "write_case", "write_dataset",
+    "PHANTOM_AIR_HU", "PHASES", "SMALL", "TISSUE_HU", "PhantomCase", "Profile", "Subject", "corresponding_points",
+    "draw_subject", "generate_case", "subject_for_landmarks", "write_case", "write_dataset",
 ]
