@@ -92,7 +92,7 @@ class ReferenceSampler:
         from alice_ds.sam.io import embedding_path, open_embedding
         ef = open_embedding(self.embed_dir, case_id)  # header: affines
         t = load_file(str(embedding_path(self.embed_dir, case_id)))  # the whole file, every try
-        fine = t["fine"].float().permute(3, 0, 1, 2)[None]  # [X, Y, Z, C] -> [1, C, X, Y, Z]
+        fine = ef.decode(t["fine"]).permute(3, 0, 1, 2)[None]  # codes [X, Y, Z, K] -> [1, 128, X, Y, Z]
         coarse = t["coarse"].float().permute(3, 0, 1, 2)[None]
         return ef, torch.nn.functional.normalize(fine, dim=1), torch.nn.functional.normalize(coarse, dim=1)
 

@@ -1,9 +1,17 @@
 """SAM embedding files: one `<embed_dir>/<case_id>.safetensors` per case (docs/interfaces.md).
 
-Tensors `fine` [Xf, Yf, Zf, 128] and `coarse` [Xc, Yc, Zc, 128], fp16, channel-last and
-L2-normalised per voxel, so a box of the fine grid is a few contiguous runs that `safe_open(...)
-.get_slice` reads without touching the rest of the file. Metadata values are JSON strings: the
-voxel -> world-mm affine of each grid (RAS), the strides in voxels of the 2 mm SAM grid, the model id.
+The fine grid is stored compact: `fine` int8 codes [Xf, Yf, Zf, K], channel-last, with `fine_basis`
+fp32 [128, K] (orthonormal columns: the case's own top-K principal directions of its fine vectors,
+uncentred, or the identity when K = 128) and `fine_scale` fp32 [K]; a voxel's 128-d embedding is
+`(codes * fine_scale) @ fine_basis.T`. `embed` stores by default as many channels as keep 99.9 % of
+the case's fine-vector energy (`AUTO_KEEP`): a SAMNet's fine vectors span about its last feature
+width, so a full-size phantom CT takes 15 MB (width 0.125, K = 16) or 29 MB (width 0.25, K = 32)
+instead of 227 MB at fp16 x 128, with the same matches (docs/experiments/
+2026-12-03-compact-embeddings.md). `coarse` [Xc, Yc, Zc, 128] stays fp16 (a few hundred kB). Both are
+L2-normalised per voxel before compression. Channel-last, so a box of the fine grid is a few
+contiguous runs that a memory map reads without touching the rest of the file. Metadata values are
+JSON strings: the voxel -> world-mm affine of each grid (RAS), the strides in voxels of the 2 mm SAM
+grid, the model id.
 """
 
 from __future__ import annotations
@@ -21,9 +29,16 @@ from safetensors.torch import save_file
 from alice_ds.errors import DataError
 from alice_ds.files import atomic_path
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 EMBED_DIM = 128
 SUFFIX = ".safetensors"
+PCA_SAMPLES = 200_000
+"""Fine voxels (evenly strided) whose second-moment matrix gives a case's basis: ~0.1 s."""
+AUTO_KEEP = 0.999
+"""Share of a case's fine-vector energy the automatic channel count keeps (`compress_fine`)."""
+CODE_MAX = 127
+"""int8 codes span [-CODE_MAX, CODE_MAX]; a channel's scale maps its largest |value| to CODE_MAX."""
+TENSORS = ("fine", "fine_basis", "fine_scale", "coarse")
 REQUIRED_META = ("case_id", "fine_affine", "coarse_affine", "fine_stride", "coarse_stride",
                  "model_id", "format_version")
 
@@ -40,10 +55,49 @@ def list_embeddings(embed_dir) -> list[str]:
     return sorted(p.name[:-len(SUFFIX)] for p in d.glob(f"*{SUFFIX}") if not p.name.startswith("."))
 
 
+def compress_fine(fine: torch.Tensor, channels: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Fine grid [X, Y, Z, 128] (unit vectors) -> (int8 codes [X, Y, Z, K], basis fp32 [128, K],
+    scale fp32 [K], kept: the mean squared norm of the projections, the share of the vectors' energy
+    the K channels keep). K = `channels`, or with None the fewest principal directions that keep
+    AUTO_KEEP of the energy (a network's fine vectors span about its last feature width: 16
+    directions for SAMNet width 0.125, 32 for 0.25, and nothing beyond).
+
+    The basis is the top-K eigenvectors of the uncentred second moment of the case's fine vectors
+    (what keeps their dot products best at rank K; the identity at K = 128), each signed so its
+    largest entry is positive (the same vectors give the same file). The projections are not
+    re-normalised: a dot product with a decoded key estimates the full cosine from below, so score
+    thresholds keep their meaning. Each channel is quantised with its own scale."""
+    if channels is not None and not 1 <= channels <= EMBED_DIM:
+        raise ValueError(f"channels must be in [1, {EMBED_DIM}], got {channels}")
+    flat = fine.reshape(-1, EMBED_DIM)  # [N, 128]
+    if channels == EMBED_DIM:
+        basis = torch.eye(EMBED_DIM)
+    else:
+        sample = flat[:: max(1, len(flat) // PCA_SAMPLES)].double()  # [S, 128]
+        values, vectors = torch.linalg.eigh(sample.T @ sample)  # ascending eigenvalues
+        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)  # largest first
+        if channels is None:
+            share = values.cumsum(0) / values.sum().clamp_min(1e-30)
+            channels = int(torch.searchsorted(share, torch.tensor(AUTO_KEEP, dtype=share.dtype))) + 1
+            channels = min(channels, EMBED_DIM)
+        basis = vectors[:, :channels]  # [128, K]
+        peak = basis.abs().argmax(0)
+        basis = (basis * torch.sign(basis[peak, torch.arange(channels)])).float()
+    proj = torch.cat([chunk.float() @ basis for chunk in flat.split(1 << 18)])  # [N, K]
+    scale = (proj.abs().amax(0) / CODE_MAX).clamp_min(1e-8)  # [K]
+    codes = torch.round(proj / scale).clamp(-CODE_MAX, CODE_MAX).to(torch.int8)
+    kept = float(proj.square().sum(1).mean()) if len(proj) else 1.0
+    return codes.view(*fine.shape[:3], channels), basis.contiguous(), scale, kept
+
+
 def write_embedding(path, fine: torch.Tensor, coarse: torch.Tensor, fine_affine, coarse_affine,
-                    fine_stride, coarse_stride, model_id: str, case_id: str) -> Path:
+                    fine_stride, coarse_stride, model_id: str, case_id: str,
+                    channels: int | None = EMBED_DIM) -> Path:
     """Write one case atomically (temp file in the same directory, then rename), so a reader never
-    sees a half-written file and an interrupted `embed` leaves no file that looks finished."""
+    sees a half-written file and an interrupted `embed` leaves no file that looks finished.
+    fine [Xf, Yf, Zf, 128], coarse [Xc, Yc, Zc, 128]; the fine grid is stored as `channels` int8
+    codes (`compress_fine`; 128 = the identity basis, only quantised; None = as many as keep
+    AUTO_KEEP of the energy)."""
     path = Path(path)
     for name, t in (("fine", fine), ("coarse", coarse)):
         if t.ndim != 4 or t.shape[-1] != EMBED_DIM:
@@ -57,7 +111,9 @@ def write_embedding(path, fine: torch.Tensor, coarse: torch.Tensor, fine_affine,
         "model_id": model_id,
         "format_version": FORMAT_VERSION,
     }
-    tensors = {"fine": fine.detach().to(torch.float16).contiguous().cpu(),
+    codes, basis, scale, kept = compress_fine(fine.detach().cpu(), channels)
+    meta["fine_kept"] = json.dumps(round(kept, 6))
+    tensors = {"fine": codes.contiguous(), "fine_basis": basis, "fine_scale": scale,
                "coarse": coarse.detach().to(torch.float16).contiguous().cpu()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -81,11 +137,30 @@ class EmbeddingFile:
     coarse_stride: tuple[int, int, int]
     fine_shape: tuple[int, int, int]
     coarse_shape: tuple[int, int, int]
+    basis: torch.Tensor = field(repr=False)  # fp32 [128, K]
+    scale: torch.Tensor = field(repr=False)  # fp32 [K]
     meta: dict = field(repr=False)
     _fine_map: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
+    @property
+    def channels(self) -> int:
+        """K, the stored channels of the fine grid."""
+        return self.basis.shape[1]
+
+    def decode(self, codes) -> torch.Tensor:
+        """Fine codes [..., K] (int8 or float) -> 128-d embeddings float32 [..., 128]."""
+        codes = torch.from_numpy(np.asarray(codes, dtype=np.float32)) if isinstance(codes, np.ndarray) \
+            else codes.float()  # (a memory map is read-only: the cast copies it)
+        return (codes * self.scale) @ self.basis.T
+
+    def code_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """128-d query vectors [..., 128] -> [..., K] whose dot product with this file's raw codes
+        (cast to float) is the query's dot product with the decoded voxel: the scale is folded in."""
+        return (queries.float() @ self.basis) * self.scale
+
     def fine_map(self) -> np.ndarray:
-        """The fine grid as a read-only memory map, float16 [Xf, Yf, Zf, 128] (as stored).
+        """The fine grid's codes as a read-only memory map, int8 [Xf, Yf, Zf, K] (as stored; dot
+        them with `code_queries`, or `decode` them).
 
         Zero-copy: indexing it reads only the touched pages (the OS page cache keeps them warm
         across calls and across the processes that map the same file). Mapped on first use in the
@@ -99,9 +174,9 @@ class EmbeddingFile:
         otherwise travel as a full in-memory copy of the fine grid."""
         return {**self.__dict__, "_fine_map": None}
 
-    def fine_window(self, lo, hi, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Fine-grid box `[lo, hi)` (voxel indices, clipped to the grid) as [wx, wy, wz, 128] of
-        `dtype` (float16 = as stored, no conversion)."""
+    def fine_window(self, lo, hi) -> torch.Tensor:
+        """Fine-grid box `[lo, hi)` (voxel indices, clipped to the grid), decoded: float32
+        [wx, wy, wz, 128]."""
         lo = [max(0, int(v)) for v in lo]
         hi = [min(s, int(v)) for v, s in zip(hi, self.fine_shape)]
         try:
@@ -109,7 +184,7 @@ class EmbeddingFile:
                 part = f.get_slice("fine")[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
         except Exception as e:  # safetensors raises several types for a truncated/replaced file
             raise DataError(self.path, f"cannot read the fine embedding window: {e}") from None
-        return part.to(dtype)
+        return self.decode(part)
 
     def coverage_problem(self, affine, shape) -> str | None:
         """Why this file cannot hold the embeddings of a volume with `affine` (4x4 voxel -> world mm)
@@ -141,7 +216,7 @@ class EmbeddingFile:
 COVERAGE_TOLERANCE = 1.5
 """How far (in fine-grid voxels) a corner of a volume may lie outside the embedding's fine grid before
 the embedding counts as belonging to another volume (`EmbeddingFile.coverage_problem`)."""
-SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4"}
+SAFETENSORS_DTYPES = {"I8": "i1", "F16": "<f2", "F32": "<f4"}
 """safetensors dtype names -> NumPy dtypes (the format stores little-endian data)."""
 
 
@@ -177,18 +252,23 @@ def open_embedding(embed_dir, case_id: str) -> EmbeddingFile:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
             meta = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys & {"fine", "coarse"}}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys & set(TENSORS)}
+            small = {k: f.get_tensor(k).float() for k in keys & {"fine_basis", "fine_scale"}}
     except Exception as e:
         raise DataError(path, f"not a readable safetensors embedding file ({e})") from None
-    missing = [k for k in ("fine", "coarse") if k not in keys] + [k for k in REQUIRED_META if k not in meta]
+    if "format_version" in meta and meta["format_version"] != FORMAT_VERSION:
+        raise DataError(path, f"embedding format_version {meta['format_version']!r}, this alice-ds reads "
+                              f"{FORMAT_VERSION!r} (re-run `alice-ds embed`: it replaces older files)")
+    missing = [k for k in TENSORS if k not in keys] + [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise DataError(path, f"embedding file lacks {', '.join(missing)}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise DataError(path, f"embedding format_version {meta['format_version']!r}, "
-                              f"this alice-ds reads {FORMAT_VERSION!r} (re-run `alice-ds embed`)")
-    for k, s in shapes.items():
-        if len(s) != 4 or s[-1] != EMBED_DIM:
-            raise DataError(path, f"tensor {k!r} has shape {s}, expected [X, Y, Z, {EMBED_DIM}]")
+    k = shapes["fine_scale"][0] if len(shapes["fine_scale"]) == 1 else -1
+    expected = {"fine": ("X", "Y", "Z", k), "coarse": ("X", "Y", "Z", EMBED_DIM), "fine_basis": (EMBED_DIM, k),
+                "fine_scale": (k,)}
+    for name, want in expected.items():
+        s = shapes[name]
+        if len(s) != len(want) or any(isinstance(w, int) and w != v for w, v in zip(want, s)) or k < 1:
+            raise DataError(path, f"tensor {name!r} has shape {s}, expected [{', '.join(map(str, want))}]")
     try:
         fine_affine = np.array(json.loads(meta["fine_affine"]), dtype=np.float64).reshape(4, 4)
         coarse_affine = np.array(json.loads(meta["coarse_affine"]), dtype=np.float64).reshape(4, 4)
@@ -199,4 +279,5 @@ def open_embedding(embed_dir, case_id: str) -> EmbeddingFile:
     return EmbeddingFile(path=path, case_id=meta["case_id"], fine_affine=fine_affine,
                          coarse_affine=coarse_affine, fine_stride=fine_stride,
                          coarse_stride=coarse_stride, fine_shape=shapes["fine"][:3],
-                         coarse_shape=shapes["coarse"][:3], meta=meta)
+                         coarse_shape=shapes["coarse"][:3], basis=small["fine_basis"],
+                         scale=small["fine_scale"], meta=meta)

@@ -125,8 +125,8 @@ class Matcher:
         corner = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).reshape(8, 3)  # [8, 3]
         idx = np.where(corner[None] == 1, hi[:, None], lo[:, None])  # [P, 8, 3]
         weight = np.where(corner[None] == 1, frac[:, None], 1 - frac[:, None]).prod(-1)  # [P, 8]
-        vals = ef.fine_map()[idx[..., 0], idx[..., 1], idx[..., 2]].astype(np.float32)  # [P, 8, 128]
-        qf = torch.from_numpy(np.einsum("pk,pkc->pc", weight.astype(np.float32), vals))
+        vals = ef.fine_map()[idx[..., 0], idx[..., 1], idx[..., 2]].astype(np.float32)  # codes [P, 8, K]
+        qf = ef.decode(np.einsum("pk,pkc->pc", weight.astype(np.float32), vals))  # [P, 128] (decoding is linear)
         cijk = torch.from_numpy(world_to_index(ef.coarse_affine, pts)).float()
         qc = sample_channels_last(coarse, cijk)
         return F.normalize(qf, dim=1), F.normalize(qc, dim=1)
@@ -156,7 +156,9 @@ class Matcher:
             steps = context_steps(self.context)  # [T, 3] fine voxels of the key
             offsets_mm = steps @ ef.fine_affine[:3, :3].T  # [T, 3]: the key's voxel steps in world mm
             qft = self.query_features(query_case, (pts[:, None] + offsets_mm[None]).reshape(-1, 3))[0]
-            qft = qft.view(len(pts), len(steps), -1)  # [P * T, C] -> [P, T, C]: the query at each offset
+            qft = ef.code_queries(qft.view(len(pts), len(steps), -1))  # [P * T, 128] -> [P, T, K]: the query
+            # at each offset, in the key's codes
+        qk = ef.code_queries(qf)  # [P, K]: the queries in the key's codes
         matched, scores = [], []
         chunk = max(POINTS_PER_CHUNK // self.candidates, 1) if self.search == "window" else POINTS_PER_CHUNK
         for s in range(0, len(pts), chunk):
@@ -166,13 +168,13 @@ class Matcher:
                 centre = np.rint(world_to_index(ef.fine_affine,
                                                 index_to_world(ef.coarse_affine, cands[sl].reshape(-1, 3))))
                 mk, sk = self._fine_search(ef, sim_c[sl].repeat_interleave(k, 0), centre,
-                                           qf[sl].repeat_interleave(k, 0))  # [p * K, 3] fine indices, [p * K]
+                                           qk[sl].repeat_interleave(k, 0))  # [p * k, 3] fine indices, [p * k]
                 pick = sk.reshape(-1, k).argmax(1)  # [p]
                 rows = np.arange(len(pick))
                 m, sc = mk.reshape(-1, k, 3)[rows, pick], sk.reshape(-1, k)[rows, pick]
             else:
                 m, sc = self._global_search(ef, kcoarse, qft[sl], qc[sl], steps)
-            offset = subvoxel_offsets(ef.fine_map(), m, qf[sl].numpy()) if self.refine else 0.0
+            offset = subvoxel_offsets(ef.fine_map(), m, qk[sl].numpy()) if self.refine else 0.0
             matched.append(index_to_world(ef.fine_affine, m + offset))
             scores.append(sc)
         return np.concatenate(matched), np.concatenate(scores).astype(np.float32)
@@ -182,7 +184,7 @@ class Matcher:
         """Fine argmax of (cos_fine + cos_coarse) / 2 in a window around each coarse argmax -> (fine
         indices [P, 3] int64, scores [P]).
         sim_c [P, 1, Xc, Yc, Zc] coarse cosine of each query with the key's coarse grid; centre
-        [P, 3] fine indices; qf [P, 128] query fine embeddings.
+        [P, 3] fine indices; qf [P, K] query fine embeddings in the key's codes (`code_queries`).
 
         cos_coarse at a fine voxel is the coarse *similarity map* upsampled trilinearly (as the
         reference SAM does), not the cosine of a trilinearly interpolated, re-normalised coarse
@@ -195,14 +197,14 @@ class Matcher:
         shape = np.asarray(ef.fine_shape)
         size = np.minimum(self.window, shape)  # same window size for every point -> one product
         lo = np.clip(centre.astype(np.int64) - size // 2, 0, shape - size)  # [P, 3]
-        fine = _as_tensor(ef.fine_map())  # fp16 [Xf, Yf, Zf, C], memory-mapped
-        buf = torch.empty((*size, fine.shape[-1]))  # [wx, wy, wz, C] fp32, reused: stays in cache
-        flat = buf.view(-1, fine.shape[-1])  # [W, C]
+        fine = _as_tensor(ef.fine_map())  # int8 codes [Xf, Yf, Zf, K], memory-mapped
+        buf = torch.empty((*size, fine.shape[-1]))  # [wx, wy, wz, K] fp32, reused: stays in cache
+        flat = buf.view(-1, fine.shape[-1])  # [W, K]
         sim_f = torch.empty(len(lo), flat.shape[0])  # [P, W]
         for p, (a, b, c) in enumerate(lo.tolist()):
-            buf.copy_(fine[a:a + size[0], b:b + size[1], c:c + size[2]])  # fp16 -> fp32, window only
-            torch.mv(flat, qf[p], out=sim_f[p])  # [W, C] @ [C] -> [W]; one core, W = 8000: torch.mv
-            # 0.6 ms, NumPy's matmul 11 ms, torch.bmm of all windows at once 1.5 ms per window
+            buf.copy_(fine[a:a + size[0], b:b + size[1], c:c + size[2]])  # int8 -> fp32, window only
+            torch.mv(flat, qf[p], out=sim_f[p])  # [W, K] @ [K] -> [W]; one core, W = 8000: torch.mv
+            # 0.6 ms at K = 128, NumPy's matmul 11 ms, torch.bmm of all windows at once 1.5 ms per window
         # coarse similarity at each window voxel: trilinear in the coarse map of each point
         local = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3)
         fine_ijk = lo[:, None, :] + local[None]  # [P, W, 3]
@@ -223,15 +225,17 @@ class Matcher:
         With a context template (`steps` [T, 3] fine-voxel offsets, the first (0, 0, 0); qf [P, T, C]
         the query's fine embeddings at the same offsets in mm) cos_fine at voxel v is the mean over
         the offsets o with v + o inside the grid of cos(qf[:, o], fine[v + o]): a patch of the query
-        compared with a patch of the key, not one vector with one vector.
+        compared with a patch of the key, not one vector with one vector. qf is in the key's codes
+        (`code_queries`) [P, T, K]; qc [P, 128].
 
         cos_coarse is the cosine with the key's coarse embedding interpolated trilinearly to the fine
         voxel and re-normalised (the window search interpolates the similarity map instead, which is
         cheaper per query; with a model trained by the held-out protocol at HU window -200..300 the
         global argmax lands within 10 mm for 40.3 % of the landmarks this way and for 29.4 % with the
         interpolated similarity map). kcoarse [Xc, Yc, Zc, C]: the key's coarse grid; qc [P, C]."""
-        fine = _as_tensor(ef.fine_map())  # fp16 [Xf, Yf, Zf, C], memory-mapped
-        nx, ny, nz, channels = fine.shape
+        fine = _as_tensor(ef.fine_map())  # int8 codes [Xf, Yf, Zf, K], memory-mapped
+        nx, ny, nz, k = fine.shape
+        channels = kcoarse.shape[-1]
         halo = int(np.abs(steps[:, 0]).max())
         coarse = kcoarse.permute(3, 0, 1, 2)[None]  # [1, C, Xc, Yc, Zc]
         f2c = np.linalg.inv(ef.coarse_affine) @ ef.fine_affine  # fine index -> coarse index, 4x4
@@ -240,7 +244,7 @@ class Matcher:
         for a in range(0, nx, GLOBAL_SLAB_PLANES):
             n = min(GLOBAL_SLAB_PLANES, nx - a)
             lo, hi = max(a - halo, 0), min(a + n + halo, nx)
-            slab = fine[lo:hi].float().view(-1, channels)  # [(hi - lo) * Yf * Zf, C] fp32, with the halo
+            slab = fine[lo:hi].float().view(-1, k)  # [(hi - lo) * Yf * Zf, K] fp32, with the halo
             total = torch.zeros(len(qf), n, ny, nz)  # sum of cos_fine over the offsets inside the grid
             count = torch.zeros(1, n, ny, nz)
             for t, (dx, dy, dz) in enumerate(steps.tolist()):
@@ -280,8 +284,8 @@ def subvoxel_offsets(fine: np.ndarray, best: np.ndarray, qf: np.ndarray) -> np.n
     """Where between fine voxels the peak lies: per axis, the vertex of the parabola through the fine
     cosine of the query at the best voxel and at its two neighbours on that axis, in voxels, in
     [-0.5, 0.5] (0 where a neighbour is outside the grid or the three values do not curve down).
-    fine [Xf, Yf, Zf, C] (the key's grid, a memory map is fine), best [P, 3] int fine indices,
-    qf [P, C] unit query embeddings -> offsets [P, 3].
+    fine [Xf, Yf, Zf, K] (the key's codes, a memory map is fine), best [P, 3] int fine indices,
+    qf [P, K] query embeddings in those codes (`EmbeddingFile.code_queries`) -> offsets [P, 3].
 
     The coarse term is left out: across one fine voxel it is nearly linear and only tilts the
     parabola towards the coarse peak. A 4 mm grid alone puts a match ~2 mm from the point at the
