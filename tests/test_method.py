@@ -106,3 +106,44 @@ def test_every_trained_parameter_gets_a_gradient_in_each_variant():
         missing = [n for g in m.param_groups() for p in g["params"] for n, q in m.named_parameters()
                    if q is p and (p.grad is None or p.grad.abs().sum() == 0)]
         assert {n.removeprefix("student.") for n in missing} == unused, switches
+
+
+def test_batched_lean_forward_equals_the_per_view_computation():
+    """forward() stacks the views into one call per backbone and stops the teacher's decoder at the
+    stride-8 tokens; losses and every student/CASA gradient equal those of one full call per view.
+    In float64: in fp32 the other summation order alone moves some conv gradients by ~3e-4 relative
+    (instance norms over 2^3 voxels amplify it), which would hide a real difference."""
+    m = _module().double()
+    with torch.no_grad():
+        for p in m.teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in _batch(seed=3, target=True).items()}
+    out = m(batch, step=5)
+    out["loss"].backward()
+    lean = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+
+    views = [batch[v] for v in ("query", "anchor")]
+    masks = [batch[f"{v}_mask"] for v in ("query", "anchor")]
+    with torch.no_grad():
+        t_out = [m.teacher.backbone(x, None) for x in views]  # full decoder, one view at a time
+    s_out = [m.student.backbone(x, k) for x, k in zip(views, masks)]
+    s_patch, t_patch, _ = m._patch_logits(s_out, t_out)
+    ref = m.loss([m.student.head.forward_cls(o.global_feat) for o in s_out],
+                 [m.teacher.head.forward_cls(o.global_feat) for o in t_out], s_patch, t_patch,
+                 recon=[o.recon for o in s_out], target=[batch["query_target"], batch["anchor_target"]],
+                 masks=masks, step=5)
+    ref["loss"].backward()
+    for k in ("loss", "cls", "patch", "recon"):
+        torch.testing.assert_close(out[k], ref[k], atol=1e-12, rtol=1e-10)
+    assert set(lean) == {n for n, p in m.named_parameters() if p.grad is not None}
+    assert not any(n.startswith("teacher.") for n in lean)
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            assert (lean[n] - p.grad).norm() <= 1e-9 * p.grad.norm() + 1e-15, n
+    with torch.no_grad():  # the lean teacher's outputs are the full ones
+        t_lean = m.teacher.backbone(torch.cat(views), None, recon=False).split(1)
+    for a, b in zip(t_lean, t_out):
+        assert a.recon is None
+        for name in ("global_feat", "enc_tokens", "dec_tokens"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-12, rtol=1e-10)

@@ -103,13 +103,13 @@ class Trainer:
         # ZeRO-3 copies group 0's keys into every param group
         self.group_flags = [(g["last_layer"], g["apply_wd"]) for g in groups]
         optimizer = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=o.betas)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                                 config=ds_config)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
         ckpt.load_weights_only(self.engine)
         self.ema = TeacherEMA(self.module)
         self.augment_on_device = cfg.sampler.augment_on == "device"
         self.train_loader = self._loader("training", cfg.run.seed)
+        self._val: tuple[PairLoader, dict] | None = None  # validation loader and its first position
         self.reduced_keys = LOSS_KEYS + MONITORS + (("casa_attn_ratio",) if cfg.model.casa else ())
         self.flops_per_sample = flops_per_sample(cfg.model, cfg.loss, cfg.sampler.roi)
         self.peak_tflops = device_peak_tflops(self.engine.device, _bf16_autocast(ds_config))
@@ -129,7 +129,8 @@ class Trainer:
         d = self.cfg.data
         dataset = PairDataset(d.cache_dir, d.embed_dir, self.cfg.sampler, seed=seed, rank=self.rank,
                               world_size=self.world, cases=split_case_ids(d.json_list, split))
-        return PairLoader(dataset, self.cfg.run.batch_size, num_workers=d.num_workers, persistent_workers=False)
+        return PairLoader(dataset, self.cfg.run.batch_size, num_workers=d.num_workers, persistent_workers=False,
+                          pin_memory=self.engine.device.type == "cuda")  # pinned: non_blocking copies
 
     def _batches(self):
         """Endless micro-batches; with `overfit_one_batch` the stream's first batch forever (drawn
@@ -198,7 +199,7 @@ class Trainer:
         """The loss parts summed over ranks, or None when any rank's loss is not finite: then the
         micro-batch is skipped everywhere, warned and counted (a TrainingError after `max_nonfinite`
         in a row)."""
-        local = [float(out[k].detach()) for k in self.reduced_keys]
+        local = torch.stack([out[k].detach().double() for k in self.reduced_keys]).tolist()  # one device sync
         bad = 0.0 if all(math.isfinite(x) for x in local[:len(LOSS_KEYS)]) else 1.0
         reduced = self._reduce([0.0 if bad else x for x in local] + [bad])
         if reduced[-1] == 0:
@@ -221,7 +222,8 @@ class Trainer:
         update zeroes the gradients and the lr of every group for this step, so no parameter moves
         (Adam's moments still decay by one step; DeepSpeed's clipping needs at least one gradient)."""
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        norm = math.sqrt(sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads))
+        norms = torch._foreach_norm(grads, 2.0)  # per tensor, one kernel each, no host sync
+        norm = float(torch.linalg.vector_norm(torch.stack([n.double() for n in norms])))  # one sync
         drop = not norm <= FP32_MAX_NORM
         if drop:
             for g in grads:
@@ -283,10 +285,14 @@ class Trainer:
     def validate(self) -> float:
         """Mean total loss over `val_batches` micro-batches per rank of the validation split, always
         the same samples (a fresh stream each time), centers untouched; back to train mode after."""
-        loader = self._loader("validation", self.cfg.run.seed + VAL_SEED_OFFSET)
+        if self._val is None:  # built once; every validation rewinds it to its first sample
+            loader = self._loader("validation", self.cfg.run.seed + VAL_SEED_OFFSET)
+            self._val = (loader, loader.state_dict())
+        loader, start = self._val
+        loader.load_state_dict(start)
         self.engine.eval()
         total, n = 0.0, 0
-        for batch, _ in zip(loader, range(self.cfg.run.val_batches)):
+        for _, batch in zip(range(self.cfg.run.val_batches), loader):  # (no extra batch drawn)
             out = self.engine(_to_device(batch, self.engine.device, self.augment_on_device), self.step)
             total += float(out["loss"].detach())
             n += 1

@@ -7,6 +7,10 @@ is which. Every parameter of student and CASA receives a gradient each step (no
 `find_unused_parameters`): the cls path trains `last_layer` and the deepest stage, the patch path
 trains `enc_proj`, `dec_proj`, `patch_last_layer` and CASA, the reconstruction trains the decoder,
 the masked views train `mask_token`.
+
+Both views go through each backbone in one call (stacked on the batch axis: every layer of the
+backbone is per-sample, so this is the per-view computation), and the teacher stops its decoder at
+the stride-8 tokens the loss reads (`SwinBackbone.forward(recon=False)`).
 """
 
 from __future__ import annotations
@@ -78,11 +82,13 @@ class AliceMetaArch(nn.Module):
         targets = [batch.get(f"{v}_target", x) for v, x in zip(VIEWS, views)]
         s_head, t_head = self.student.head, self.teacher.head
 
-        with torch.no_grad():  # teacher: unmasked views, never differentiated
-            t_out = [self.teacher.backbone(x, None) for x in views]
+        b = views[0].shape[0]
+        x = torch.cat(views)  # [2B, 1, R, R, R]: both views through each backbone in one call
+        with torch.no_grad():  # teacher: unmasked views, never differentiated, no reconstruction
+            t_out = self.teacher.backbone(x, None, recon=False).split(b)
             t_cls = [t_head.forward_cls(o.global_feat) for o in t_out]              # [B, K]
 
-        s_out = [self.student.backbone(x, m) for x, m in zip(views, masks)]
+        s_out = self.student.backbone(x, torch.cat(masks)).split(b)
         s_cls = [s_head.forward_cls(o.global_feat) for o in s_out]                  # [B, K]
         s_patch, t_patch, extra = self._patch_logits(s_out, t_out)                  # [B, L16, Kp] each
         out = self.loss(s_cls, t_cls, s_patch, t_patch, recon=[o.recon for o in s_out], target=targets,

@@ -63,8 +63,15 @@ class BackboneOutput(NamedTuple):
     """[B, L16, 8F] stride-16 Swin stage (MONAI `hidden_states_out[3]`), tokens in C order."""
     dec_tokens: torch.Tensor
     """[B, L8, 4F] stride-8 decoder stage (output of MONAI `decoder4`), tokens in C order."""
-    recon: torch.Tensor
-    """[B, 1, X, Y, Z] the network output (what MONAI `SwinUNETR.forward` returns)."""
+    recon: torch.Tensor | None
+    """[B, 1, X, Y, Z] the network output (what MONAI `SwinUNETR.forward` returns); None from
+    `forward(..., recon=False)`."""
+
+    def split(self, size: int) -> list[BackboneOutput]:
+        """Per-chunk outputs of a forward of stacked inputs: chunks of `size` samples each."""
+        parts = [t.split(size) if t is not None else None for t in self]
+        return [BackboneOutput(*(p[i] if p is not None else None for p in parts))
+                for i in range(len(parts[0]))]
 
 
 class WindowAttention(nn.Module):
@@ -293,8 +300,13 @@ class SwinBackbone(nn.Module):
                 raise ValueError(f"mask must be [B, X/{PATCH_SIZE}, Y/{PATCH_SIZE}, Z/{PATCH_SIZE}] = {want}, "
                                  f"got {tuple(mask.shape)}")
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> BackboneOutput:
-        """x [B, C_in, X, Y, Z] (each side divisible by 32); mask [B, X/2, Y/2, Z/2] (1 = masked) or None."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, recon: bool = True) -> BackboneOutput:
+        """x [B, C_in, X, Y, Z] (each side divisible by 32); mask [B, X/2, Y/2, Z/2] (1 = masked) or None.
+
+        `recon=False` stops the decoder at the stride-8 tokens: the full-resolution skip, the three
+        shallow skips, the last three decoder stages and the output layer are not run (the teacher
+        reads only `global_feat`, `enc_tokens`, `dec_tokens`; an Alice step of preset B at 96^3 counts
+        4.03 instead of 5.15 TFLOP per pair)."""
         self.check_input(x, mask)
         patch_mask = None
         x_skip = x
@@ -305,17 +317,20 @@ class SwinBackbone(nn.Module):
                 voxel_mask = voxel_mask.repeat_interleave(PATCH_SIZE, dim=axis)  # -> [B, 1, X, Y, Z]
             x_skip = torch.where(voxel_mask, torch.full((), MASKED_VOXEL_VALUE, dtype=x.dtype, device=x.device), x)
         hidden = self.swinViT(x, self.mask_token, patch_mask)
-        enc0 = self._call(self.encoder1, x_skip)
-        enc1 = self._call(self.encoder2, hidden[0])
-        enc2 = self._call(self.encoder3, hidden[1])
         enc3 = self._call(self.encoder4, hidden[2])
         dec4 = self._call(self.encoder10, hidden[4])
         dec3 = self._call(self.decoder5, dec4, hidden[3])
         dec2 = self._call(self.decoder4, dec3, enc3)  # [B, 4F, X/8, Y/8, Z/8]
-        dec1 = self._call(self.decoder3, dec2, enc2)
-        dec0 = self._call(self.decoder2, dec1, enc1)
-        out = self._call(self.decoder1, dec0, enc0)
-        recon = self.out(out)
+        if recon:
+            enc0 = self._call(self.encoder1, x_skip)
+            enc1 = self._call(self.encoder2, hidden[0])
+            enc2 = self._call(self.encoder3, hidden[1])
+            dec1 = self._call(self.decoder3, dec2, enc2)
+            dec0 = self._call(self.decoder2, dec1, enc1)
+            out = self._call(self.decoder1, dec0, enc0)
+            recon = self.out(out)
+        else:
+            recon = None
         return BackboneOutput(
             global_feat=hidden[4].mean(dim=(2, 3, 4)),  # [B, 16F, X/32, Y/32, Z/32] -> [B, 16F]
             enc_tokens=hidden[3].flatten(2).transpose(1, 2),  # [B, 8F, x, y, z] -> [B, L16, 8F]
