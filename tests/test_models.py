@@ -267,3 +267,28 @@ def test_casa_matches_written_out_attention():
     casa_drop = CASA(32, dropout=0.5, seed=0)
     assert not torch.allclose(casa_drop.train()(q, kv), casa_drop(q, kv))
     torch.testing.assert_close(casa_drop.eval()(q, kv), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
+def test_padded_windows_give_the_unpadded_attention(shifted):
+    """On CUDA windows are padded to SDPA_ALIGN tokens (masked keys, dropped queries) for the fused
+    kernel; forced here on CPU: outputs and gradients equal the unpadded attention's."""
+    from alice_ds.models.swin import SDPA_ALIGN, WindowAttention
+
+    torch.manual_seed(0)
+    attn = WindowAttention(24, 3, (7, 7, 7))
+    n, nw = 343, 2
+    assert n % SDPA_ALIGN
+    x = torch.randn(2 * nw, n, 24, requires_grad=True)
+    mask = torch.where(torch.rand(nw, n, n) < 0.3, -100.0, 0.0) if shifted else None
+    results = []
+    for align in (1, SDPA_ALIGN):
+        attn.align = align
+        out = attn(x, mask)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad.clone(), attn.relative_position_bias_table.grad.clone()))
+        x.grad, attn.relative_position_bias_table.grad = None, None
+        attn.zero_grad()
+    for plain, padded in zip(*results):
+        assert torch.isfinite(padded).all()
+        torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)

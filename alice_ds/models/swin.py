@@ -50,6 +50,13 @@ RECON_CHANNELS = 1
 NORM_NAME = "instance"
 """Normalisation of the convolutional encoder/decoder blocks (MONAI's default)."""
 
+SDPA_ALIGN = 8
+"""On CUDA a window of n tokens is padded to a multiple of this (the extra keys masked with -inf,
+the extra queries dropped), so the additive bias SDPA receives has an aligned last dimension: on an
+H200 343-token windows with a learned bias fell back to the math kernel, and aligned masks are what
+the memory-efficient kernel takes (not yet checked on a GPU: benchmarks/sdpa_windows.py does). The
+output is the unpadded attention's (exp(-inf) = 0; tests/test_models.py)."""
+
 PRESETS = {"tiny": 12, "B": 48, "L": 96, "H": 192}
 """Named feature sizes F. Widths per stage are F, 2F, 4F, 8F, 16F."""
 
@@ -97,6 +104,8 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", index)
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.align: int | None = None
+        """Token multiple windows are padded to: None = SDPA_ALIGN on CUDA, 1 (no padding) elsewhere."""
         trunc_normal_(self.relative_position_bias_table, std=INIT_STD)
 
     def position_bias(self, n: int) -> torch.Tensor:
@@ -117,7 +126,14 @@ class WindowAttention(nn.Module):
             bias = bias.unsqueeze(0) + shift_mask.unsqueeze(1)  # [nW, heads, n, n]
             # [nW, heads, n, n] -> [B*nW, heads, n, n] (a view when B = 1)
             bias = bias.unsqueeze(0).expand(bw // nw, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+        bias = bias.to(q.dtype)
+        pad = -n % (self.align or (SDPA_ALIGN if x.is_cuda else 1))
+        if pad:  # [..., n, d] -> [..., n + pad, d]; padded keys masked out, padded queries dropped below
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+            keys = torch.zeros(n + pad, dtype=q.dtype, device=q.device)
+            keys[n:] = float("-inf")
+            bias = F.pad(bias, (0, pad, 0, pad)) + keys  # [..., n + pad, n + pad]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)[:, :, :n]
         out = out.transpose(1, 2).reshape(bw, n, c)  # [B*nW, heads, n, C/heads] -> [B*nW, n, C]
         return self.proj(out)
 
