@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The GPU checks of alice-ds in one go, most important first (about 5-6 minutes on one H200):
+# The GPU checks of alice-ds in one go, most important first (about 8-10 minutes on one H200):
 #   info         GPU, driver, versions
 #   kernel_tests tests/test_kernels_cuda.py: the Triton kernels compiled for the GPU vs the reference
 #   kernels      benchmarks/kernels.py --dtype bfloat16 (Triton vs eager, GB/s, extra memory)
 #   data         8 small phantoms -> datalist -> 2 mm cache -> SAM embeddings (SAM_CHECKPOINT)
 #   train        preset B (F=48), 96^3 ($PRESET, $ROI), bf16 autocast, ZeRO-2, one GPU, $STEPS steps through the
 #                deepspeed launcher: samples/s and peak memory from metrics.jsonl
+#   throughput   benchmarks/throughput.py preset B 96^3 bf16 batch 2, ZeRO-1/2/3 by phase, and the
+#                reference-style loop in the same run (the speed-up ratio)
+#   sdpa         benchmarks/sdpa_windows.py: does the memory-efficient kernel take the window
+#                attention, padded to 8 tokens and not
 #   backbone     benchmarks/backbone.py F=48 96^3 batch 2 bf16 (TFLOP/s, MFU) and F=24 96^3 fp32
 #   embed_full   `embed` seconds per 2 mm case with a full-width (ResNet-18) SAMNet, untrained
 #   sampler      benchmarks/sampler.py, small: apply_device_augment on the GPU
 #   kernels_fp32 benchmarks/kernels.py in fp32
+#   max_size     benchmarks/max_size.py: largest preset and batch per ZeRO stage with checkpointing and
+#                offload (not in the default list: up to 10 minutes more; ONLY=max_size runs it)
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR [SAM_CHECKPOINT]
 #
-# OUT_DIR receives log.txt and at most seven JSON/JSONL reports; scratch data goes to $WORK
+# OUT_DIR receives log.txt and at most nine JSON/JSONL reports; scratch data goes to $WORK
 # (default /tmp/alice_gpu_checks). Each stage runs under its own time limit and a failing stage
 # does not stop the next; ONLY="train backbone" runs a subset. Without SAM_CHECKPOINT the data
 # stage trains a tiny SAM for 60 s first. Needs CUDA and the package with its dependencies.
@@ -22,7 +28,7 @@ OUT=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR [SAM_CHECKPOINT]}
 SAM=${2:-}
 WORK=${WORK:-/tmp/alice_gpu_checks}
 STEPS=${STEPS:-50} PRESET=${PRESET:-B} ROI=${ROI:-96}
-ONLY=${ONLY:-info kernel_tests kernels data train backbone embed_full sampler kernels_fp32}
+ONLY=${ONLY:-info kernel_tests kernels data train throughput sdpa backbone embed_full sampler kernels_fp32}
 ALICE=${ALICE:-alice-ds}   # e.g. "python3 -m alice_ds.cli" where the console script is not on PATH
 export PYTHONUNBUFFERED=1 ALICE_DS_PROGRESS=${ALICE_DS_PROGRESS:-0}
 mkdir -p "$OUT" "$WORK"
@@ -97,6 +103,9 @@ stage kernel_tests 180 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cachepr
 stage kernels 180 python3 benchmarks/kernels.py --dtype bfloat16 --json "$OUT/kernels_bf16.json"
 stage data 240 data
 stage train 300 train
+stage throughput 300 python3 benchmarks/throughput.py --preset "$PRESET" --roi "$ROI" --bf16 --batch_size 2 \
+  --zero 1 2 3 --steps 5 --num_workers 8 --baseline reference --work_dir "$WORK/throughput" --json "$OUT/throughput.json"
+stage sdpa 120 python3 benchmarks/sdpa_windows.py --preset "$PRESET" --roi "$ROI" --json "$OUT/sdpa_windows.json"
 stage backbone 150 python3 benchmarks/backbone.py --feature_size 48 --roi 96 --batch 2 --bf16 --repeats 5 \
   --json "$OUT/backbone_f48_bf16.json"
 stage backbone 120 python3 benchmarks/backbone.py --feature_size 24 --roi 96 --repeats 5 --json "$OUT/backbone_f24_fp32.json"
@@ -104,4 +113,6 @@ stage embed_full 120 embed_full
 stage sampler 180 python3 benchmarks/sampler.py --num_cases 2 --pairs 8 --baseline_pairs 1 --repeats 2 \
   --work_dir "$WORK/sampler" --json "$OUT/sampler.json"
 stage kernels_fp32 180 python3 benchmarks/kernels.py --json "$OUT/kernels_fp32.json"
+stage max_size 600 python3 benchmarks/max_size.py --presets B L H --roi "$ROI" --zero 2 3 --bf16 --max_batch 16 \
+  --timeout 120 --work_dir "$WORK/max_size" --json "$OUT/max_size.json"
 echo "== done $(date -u +%FT%TZ)"
