@@ -205,17 +205,23 @@ class Matcher:
             buf.copy_(fine[a:a + size[0], b:b + size[1], c:c + size[2]])  # int8 -> fp32, window only
             torch.mv(flat, qf[p], out=sim_f[p])  # [W, K] @ [K] -> [W]; one core, W = 8000: torch.mv
             # 0.6 ms at K = 128, NumPy's matmul 11 ms, torch.bmm of all windows at once 1.5 ms per window
-        # coarse similarity at each window voxel: trilinear in the coarse map of each point
-        local = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3)
-        fine_ijk = lo[:, None, :] + local[None]  # [P, W, 3]
+        # coarse similarity at each window voxel: trilinear in the coarse map of each point. The fine
+        # and coarse grids share their axes, so it is one linear interpolation per axis (border-
+        # clamped, as grid_sample with align_corners=True and border padding), three batched
+        # products: 0.3 ms for 8 windows of 20^3 instead of grid_sample's 3.2 ms (one core)
         f2c = np.linalg.inv(ef.coarse_affine) @ ef.fine_affine  # fine index -> coarse index, 4x4
-        cijk = (lo @ f2c[:3, :3].T + f2c[:3, 3])[:, None, :] + (local @ f2c[:3, :3].T)[None]  # [P, W, 3]
-        grid = normalized_grid(torch.from_numpy(cijk).float(), sim_c.shape[2:])  # [P, W, 3]
-        sim_cw = F.grid_sample(sim_c, grid.view(len(lo), -1, 1, 1, 3), mode="bilinear",
-                               padding_mode="border", align_corners=True).view(len(lo), -1)  # [P, W]
-        combined = (sim_f + sim_cw) / 2
+        if not np.allclose(f2c[:3, :3], np.diag(np.diag(f2c[:3, :3]))):
+            raise ValueError(f"{ef.path}: fine and coarse grids do not share their axes")
+        n, (xc, yc, zc) = len(lo), sim_c.shape[2:]
+        w = [linear_weights(torch.from_numpy(f2c[a, a] * (lo[:, a:a + 1] + np.arange(size[a])) + f2c[a, 3]).float(),
+                            sim_c.shape[2 + a]).transpose(1, 2) for a in range(3)]  # [P, C_a, w_a] per axis
+        t = torch.bmm(sim_c.reshape(n, xc * yc, zc), w[2])  # [P, Xc * Yc, wz]
+        t = torch.bmm(t.view(n, xc, yc, -1).transpose(2, 3).reshape(n, -1, yc), w[1])  # [P, Xc * wz, wy]
+        t = torch.bmm(t.view(n, xc, -1).transpose(1, 2), w[0])  # [P, wz * wy, wx]
+        t = t.view(n, size[2], size[1], size[0]).permute(0, 3, 2, 1)  # [P, wx, wy, wz]
+        combined = (sim_f + t.reshape(len(lo), -1)) / 2  # [P, W]
         score, arg = combined.max(1)
-        return fine_ijk[np.arange(len(lo)), arg.numpy()], score.numpy()
+        return lo + np.stack(np.unravel_index(arg.numpy(), tuple(size)), axis=1), score.numpy()
 
     def _global_search(self, ef: EmbeddingFile, kcoarse: torch.Tensor, qf: torch.Tensor,
                        qc: torch.Tensor, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -269,6 +275,19 @@ class Matcher:
             score = torch.maximum(s, score)
             best[better] = ijk[arg.numpy()[better]]
         return best, score.numpy()
+
+
+def linear_weights(pos: torch.Tensor, size: int) -> torch.Tensor:
+    """Linear interpolation along one axis as weights: positions [P, w] in voxels of an axis of `size`
+    voxels, clamped to [0, size - 1] -> [P, w, size] (two non-zeros per row)."""
+    pos = pos.clamp(0, size - 1)
+    lo = pos.floor().clamp(max=max(size - 2, 0))
+    frac = pos - lo
+    w = torch.zeros(*pos.shape, size)
+    w.scatter_(-1, lo.long()[..., None], (1 - frac)[..., None])
+    if size > 1:
+        w.scatter_add_(-1, lo.long()[..., None] + 1, frac[..., None])
+    return w
 
 
 def context_steps(context: int) -> np.ndarray:
