@@ -46,9 +46,9 @@ VAL_SEED_OFFSET = 1_000_003
 FP32_MAX_NORM = math.sqrt(torch.finfo(torch.float32).max)
 """~1.8e19: a global gradient norm above it overflows an fp32 sum of squares. DeepSpeed's ZeRO-1/2/3
 then report inf and skip the update; the trainer applies the same criterion under ZeRO-0."""
-# DeepSpeed 0.19's ZeRO-2/3 call it every step and torch 2.13 warns on each call (a line per rank per step)
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                        category=FutureWarning)
+# DeepSpeed 0.19's ZeRO-2/3 call them every step and torch 2.13 warns on each call (a line per rank per step)
+warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into|reduce_scatter)_tensor` is deprecated",
+                        FutureWarning)
 
 
 class TrainingError(UserError):
@@ -56,9 +56,10 @@ class TrainingError(UserError):
 
 
 def _to_device(batch: dict, device, augment: bool) -> dict:
-    """A collated batch on the training device; with `augment` (sampler.augment_on `device`) its
-    views rotated and noised there from the parameters the workers drew."""
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """A collated batch on the training device; with `augment` (sampler.augment_on `device`) its views
+    rotated and noised there from the parameters the workers drew (left on the host: no sync)."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and "_aug_" not in k else v
+             for k, v in batch.items()}
     return apply_device_augment(batch) if augment else batch
 
 
@@ -80,8 +81,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.run.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.rank, self.world = env.rank, env.world_size
-        self.is_main = self.rank == 0
+        self.rank, self.world, self.is_main = env.rank, env.world_size, env.rank == 0
         self.global_batch = global_batch(cfg, self.world)
         o = cfg.optim
         self.sched = Schedules(total_steps=cfg.run.num_steps, peak_lr=peak_lr(cfg, self.world), min_lr=o.min_lr,

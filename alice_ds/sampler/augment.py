@@ -196,13 +196,15 @@ def augment_batch(views: torch.Tensor, params: AugmentParams, with_clean: bool =
         raise ValueError(f"augmentation params need keys {PARAM_KEYS} with a leading batch dim {b}; "
                          f"missing {missing}, wrong shape {[(k, tuple(params[k].shape)) for k in bad]}")
     rotated = views.clone()
-    rot = params["rot"].to(dev, torch.float64)  # [B, 3, 3]
-    turned = (rot != torch.eye(3, dtype=torch.float64, device=dev)).flatten(1).any(1).nonzero()[:, 0]  # [b']
+    # decisions on the host: the trainer leaves the parameters there (no device round trip, no sync)
+    rot = params["rot"].to("cpu", torch.float64)  # [B, 3, 3]
+    turned = (rot != torch.eye(3, dtype=torch.float64)).flatten(1).any(1).nonzero()[:, 0]  # [b']
     if len(turned):
-        grid = _rotation_grid(rot[turned], views.shape[2:])  # [b', X, Y, Z, 3]
+        grid = _rotation_grid(rot[turned].to(dev), views.shape[2:])  # [b', X, Y, Z, 3]
+        turned = turned.to(dev)
         rotated[turned] = F.grid_sample(views[turned], grid, mode="bilinear", padding_mode="zeros",
                                         align_corners=False)
-    stds, seeds = params["noise_std"].tolist(), params["noise_seed"].tolist()  # one small copy to host
+    stds, seeds = params["noise_std"].tolist(), params["noise_seed"].tolist()
     noisy = rotated.clone() if any(s > 0 for s in stds) else rotated
     for i in range(b):
         if stds[i] > 0:
@@ -235,7 +237,8 @@ def apply_device_augment(batch: dict) -> dict:
             raise ValueError(f"apply_device_augment: batch lacks {missing}; it needs a PairDataset with "
                              f"augment_on='device' (keys present: {sorted(batch)})")
         params = {k: out.pop(f"{v}_aug_{k}") for k in PARAM_KEYS}
-        if bool((params["noise_std"] > 0).any()):  # noisy views: the clean ones are the recon targets
+        if bool((params["noise_std"] > 0).any()):  # noisy views (host tensors from the trainer): the clean
+            # ones are the recon targets
             out[v], out[f"{v}_target"] = augment_batch(out[v], params, with_clean=True)
         else:
             out[v] = augment_batch(out[v], params)
