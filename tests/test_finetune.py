@@ -200,3 +200,26 @@ def test_evaluate_scores_the_best_checkpoint_and_draws(finetuned_run, phantom_di
     pictures = sorted((tmp_path / "pics").glob("*.png"))
     names = {p.name.removesuffix(".png").split("_0000_")[1] for p in pictures}
     assert names and names <= set(best["val_dice_per_class"])
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_under_torchrun_share_one_run(weights, phantom_dir, phantom_datalist, tmp_path):
+    """torchrun with 2 CPU processes: Accelerate joins them (gloo), so one run of world 2 trains and
+    writes one set of files (two single-process runs would each log step 1 into the same folder)."""
+    import os
+    import subprocess
+    import sys
+
+    from alice_ds.engine.distenv import free_port
+
+    out = tmp_path / "run2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           "-m", "alice_ds.cli", *_args(phantom_dir, phantom_datalist, weights, out, "--steps", "1",
+                                        "--val_every", "1", "--labelled", "2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ALICE_DS_PROGRESS": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout + proc.stderr
+    lines = _lines(out)
+    assert [ln["step"] for ln in lines if "loss" in ln] == [1]
+    assert [ln["step"] for ln in lines if "val_dice" in ln] == [1]

@@ -150,7 +150,8 @@ def _batches(loader):
 
 def finetune(cfg: FinetuneConfig, data_dir, json_list, output_dir, resume: bool = True) -> dict:
     """Train; returns the summary (`best_dice`, `best_step`, `step`, `loaded_tensors`)."""
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    cuda = torch.cuda.is_available()  # cpu=True without CUDA: Accelerate then joins torchrun's / its own
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")  # CPU ranks (gloo)
     main = accelerator.is_main_process
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
