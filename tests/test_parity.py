@@ -67,10 +67,13 @@ def _terms(module: AliceMetaArch, batch: dict, step: int, center, center2) -> tu
     views = [batch[v] for v in VIEWS]
     masks = [batch[f"{v}_mask"] for v in VIEWS]
     targets = [batch.get(f"{v}_target", x) for v, x in zip(VIEWS, views)]
+    # both views in one call per backbone, the teacher's decoder stopped at the tokens the loss reads:
+    # the trainer's order of fp32 sums (that this is the per-view computation is tests/test_method.py's
+    # float64 check; in fp32 the order alone moves a few near-zero gradients, which Adam amplifies)
     with torch.no_grad():
-        t_out = [teacher.backbone(x, None) for x in views]
+        t_out = teacher.backbone(torch.cat(views), None, recon=False).split(len(views[0]))
         t_cls = [teacher.head.forward_cls(o.global_feat) for o in t_out]
-    s_out = [student.backbone(x, m) for x, m in zip(views, masks)]
+    s_out = student.backbone(torch.cat(views), torch.cat(masks)).split(len(views[0]))
     s_cls = [student.head.forward_cls(o.global_feat) for o in s_out]
     q = [student.head.embed_enc(o.enc_tokens) for o in s_out]
     kv = [1 - v if cfg.casa_views == "cross" else v for v in range(2)]
