@@ -54,6 +54,17 @@ class Clock:
         self.cuda = cuda
         self.spent: dict[str, float] = defaultdict(float)
         self._open: dict[str, float] = {}
+        self.seconds: list[float] = []  # per timed step
+        self.phases: list[dict] = []  # per timed step: seconds by PHASES
+
+    def end_step(self, total: float) -> None:
+        """Keep the step that just ended (`total` seconds): the forward's rest beside the backbones',
+        `other` what no phase covers."""
+        ph = dict(self.spent)
+        ph["rest_fwd"] = ph.pop("forward") - ph["teacher_fwd"] - ph["student_fwd"]
+        ph["other"] = total - sum(ph.values())
+        self.seconds.append(total)
+        self.phases.append(ph)
 
     def now(self) -> float:
         if self.cuda:
@@ -156,7 +167,6 @@ def time_ours(args, env, flags_argv: list[str]) -> dict:
 
     stream = batches()
     trainer.engine.train()
-    seconds, phases = [], []
     try:
         for i in range(args.warmup + args.steps):
             if i == args.warmup and device.type == "cuda":
@@ -164,17 +174,13 @@ def time_ours(args, env, flags_argv: list[str]) -> dict:
             clock.spent.clear()
             t0 = clock.now()
             trainer.train_step(stream)
-            total = clock.now() - t0
             if i >= args.warmup:
-                ph = dict(clock.spent)
-                ph["rest_fwd"] = ph.pop("forward") - ph["teacher_fwd"] - ph["student_fwd"]
-                ph["other"] = total - sum(ph.values())
-                seconds.append(total)
-                phases.append(ph)
+                clock.end_step(clock.now() - t0)
     finally:
         source.close()
     samples = cfg.run.batch_size * cfg.run.grad_accum * env.world_size
-    row = step_row(seconds, phases, samples, trainer.flops_per_sample, env.world_size, trainer.peak_tflops)
+    row = step_row(clock.seconds, clock.phases, samples, trainer.flops_per_sample, env.world_size,
+                   trainer.peak_tflops)
     row.update(zero=trainer.zero_stage, peak_mem_gib=peak_memory_gib(device),
                gflop_per_sample=trainer.flops_per_sample / 1e9)
     return row
@@ -228,7 +234,6 @@ def time_reference(args, env, cache: Path, embed: Path, flags_argv: list[str]) -
     clock = Clock(device.type == "cuda")
     clock.hook(module.teacher.backbone, "teacher_fwd")  # two calls each per step: their times add up
     clock.hook(module.student.backbone, "student_fwd")
-    seconds, phases = [], []
     for i in range(args.warmup + args.steps):
         if i == args.warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -253,14 +258,9 @@ def time_reference(args, env, cache: Path, embed: Path, flags_argv: list[str]) -
         with clock.span("ema"), torch.no_grad():
             for ps, pt in zip(module.student.parameters(), module.teacher.parameters()):
                 pt.mul_(0.996).add_(ps.detach(), alpha=0.004)
-        total = clock.now() - t0
         if i >= args.warmup:
-            ph = dict(clock.spent)
-            ph["rest_fwd"] = ph.pop("forward") - ph["teacher_fwd"] - ph["student_fwd"]
-            ph["other"] = total - sum(ph.values())
-            seconds.append(total)
-            phases.append(ph)
-    row = step_row(seconds, phases, env.world_size, None, env.world_size, None)
+            clock.end_step(clock.now() - t0)
+    row = step_row(clock.seconds, clock.phases, env.world_size, None, env.world_size, None)
     row.update(zero=None, peak_mem_gib=peak_memory_gib(device), match_tries=float(np.mean(sampler.tries)))
     return row
 
