@@ -41,12 +41,14 @@ LOSS_RTOL = (1e-5, 2e-4)
 """Step 1 (identical weights): fp32 summation order only. Step 2 also inherits the weights' small
 difference after one Adam step (see UPDATE_RTOL; measured 1.4e-5 under ZeRO-3)."""
 NORM_RTOL = 1e-4
-UPDATE_RTOL = {1: 1e-2, 3: 5e-2}
+UPDATE_RTOL = {1: 5e-2, 3: 5e-2}
 """Per tensor |trainer - reference| / |reference - initial| after 2 steps. Measured (2026-12-02,
-this CPU): worst tensor ZeRO-1 1.2e-3 (median 2e-6), ZeRO-3 1.4e-2 (median 2.5e-5). The ZeRO-3
-difference sits in a few dozen conv weights whose gradient is near zero, where Adam's first update
-g / (|g| + eps) turns a last-bit difference of the gradient (ZeRO-3 reduces partitions in another
-order) into a step of up to 2 lr. Errors of wiring are larger: a lost weight decay (lr x wd ~ 10 %
+this CPU, views one at a time): worst tensor ZeRO-1 1.2e-3 (median 2e-6), ZeRO-3 1.4e-2 (median
+2.5e-5). With both views in one backbone call (2026-12-03) ZeRO-1's worst tensor varied from run to
+run between < 1e-2 and 2.5e-2 (decoder3's first conv weight, clean clone). These differences sit in
+conv weights whose gradient is near zero, where Adam's first update g / (|g| + eps) turns a
+last-bit difference of the gradient (DeepSpeed reduces the ranks' gradients, ZeRO-3 partitions,
+the CPU kernels sum in their own order) into a step of up to 2 lr. Errors of wiring are larger: a lost weight decay (lr x wd ~ 10 %
 of an update with the shared runs' wd 5), the last-layer freeze or the clipping (it changes how
 Adam weighs step 1 against step 2) are O(1e-1) or more."""
 
