@@ -48,9 +48,9 @@ this CPU, views one at a time): worst tensor ZeRO-1 1.2e-3 (median 2e-6), ZeRO-3
 run between < 1e-2 and 2.5e-2 (decoder3's first conv weight, clean clone). These differences sit in
 conv weights whose gradient is near zero, where Adam's first update g / (|g| + eps) turns a
 last-bit difference of the gradient (DeepSpeed reduces the ranks' gradients, ZeRO-3 partitions,
-the CPU kernels sum in their own order) into a step of up to 2 lr. Errors of wiring are larger: a lost weight decay (lr x wd ~ 10 %
-of an update with the shared runs' wd 5), the last-layer freeze or the clipping (it changes how
-Adam weighs step 1 against step 2) are O(1e-1) or more."""
+the CPU kernels sum in their own order) into a step of up to 2 lr. Errors of wiring are larger: a
+lost weight decay (lr x wd ~ 10 % of an update with the shared runs' wd 5), the last-layer freeze or
+the clipping (it changes how Adam weighs step 1 against step 2) are O(1e-1) or more."""
 
 
 def _config(engine_inputs, phantom_cache) -> TrainConfig:
