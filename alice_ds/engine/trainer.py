@@ -37,7 +37,7 @@ from alice_ds.errors import UserError
 from alice_ds.files import atomic_write_text
 from alice_ds.losses.alice import MONITORS
 from alice_ds.method import AliceMetaArch
-from alice_ds.sampler import PairDataset, PairLoader, apply_device_augment
+from alice_ds.sampler import AUG_KEYS, PairDataset, PairLoader, apply_device_augment
 
 LOSS_KEYS = ("loss", "cls", "patch", "recon")
 """Loss parts reduced over ranks every micro-batch and written to metrics.jsonl."""
@@ -58,7 +58,7 @@ class TrainingError(UserError):
 def _to_device(batch: dict, device, augment: bool) -> dict:
     """A collated batch on the training device; with `augment` (sampler.augment_on `device`) its views
     rotated and noised there from the parameters the workers drew (left on the host: no sync)."""
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and "_aug_" not in k else v
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in AUG_KEYS else v
              for k, v in batch.items()}
     return apply_device_augment(batch) if augment else batch
 

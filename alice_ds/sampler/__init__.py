@@ -6,9 +6,9 @@ resume), `apply_device_augment` (augmentation of a batch on the training device)
 (`augment`) and block masks (`masks`) live here too.
 """
 
-from alice_ds.sampler.augment import apply_device_augment
+from alice_ds.sampler.augment import AUG_KEYS, apply_device_augment
 from alice_ds.sampler.config import SamplerConfig
 from alice_ds.sampler.dataset import PairDataset
 from alice_ds.sampler.loader import PairLoader
 
-__all__ = ["PairDataset", "PairLoader", "SamplerConfig", "apply_device_augment"]
+__all__ = ["AUG_KEYS", "PairDataset", "PairLoader", "SamplerConfig", "apply_device_augment"]

@@ -36,6 +36,15 @@ SEED_LIMIT = 2**31
 PARAM_KEYS = ("rot", "noise_seed", "noise_std", "scale", "shift")
 """Keys of an `AugmentParams` dict (one view, or collated over a batch with a leading B)."""
 
+
+def aug_key(view: str, name: str) -> str:
+    """Batch key of a view's drawn augmentation parameter (`augment_on="device"` samples)."""
+    return f"{view}_aug_{name}"
+
+
+AUG_KEYS = frozenset(aug_key(v, k) for v in VIEWS for k in PARAM_KEYS)
+"""Every augmentation-parameter key of a batch: the trainer leaves these on the host."""
+
 AugmentParams = dict[str, torch.Tensor]
 """One view's drawn augmentation, as collatable tensors (a DataLoader stacks them over the batch):
 `rot` float64 [3, 3], the rotation matrix R of `rotate` (the identity: not rotated);
@@ -231,12 +240,12 @@ def apply_device_augment(batch: dict) -> dict:
     views)."""
     out = dict(batch)
     for v in VIEWS:
-        keys = [f"{v}_aug_{k}" for k in PARAM_KEYS]
+        keys = [aug_key(v, k) for k in PARAM_KEYS]
         missing = [k for k in keys if k not in out]
         if missing:
             raise ValueError(f"apply_device_augment: batch lacks {missing}; it needs a PairDataset with "
                              f"augment_on='device' (keys present: {sorted(batch)})")
-        params = {k: out.pop(f"{v}_aug_{k}") for k in PARAM_KEYS}
+        params = {k: out.pop(aug_key(v, k)) for k in PARAM_KEYS}
         if bool((params["noise_std"] > 0).any()):  # noisy views (host tensors from the trainer): the clean
             # ones are the recon targets
             out[v], out[f"{v}_target"] = augment_batch(out[v], params, with_clean=True)

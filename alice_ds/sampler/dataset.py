@@ -33,7 +33,7 @@ from alice_ds.console import warn
 from alice_ds.data.cache import body_voxels, hu_window, list_cases, open_case
 from alice_ds.errors import UserError
 from alice_ds.sam.matcher import Matcher
-from alice_ds.sampler.augment import ViewAugment
+from alice_ds.sampler.augment import ViewAugment, aug_key
 from alice_ds.sampler.cases import usable_cases
 from alice_ds.sampler.config import RETRY_CALLS, SamplerConfig
 from alice_ds.sampler.loader import tune_worker_allocator
@@ -298,7 +298,7 @@ class PairDataset(IterableDataset):
         """query, anchor: (view, clean view or None, parameters or None) from `_augmented`."""
         c = self.config
         block = c.mask_block_tokens
-        params = {f"{v}_aug_{k}": t for v, (_, _, p) in zip(VIEWS, (query, anchor)) if p is not None
+        params = {aug_key(v, k): t for v, (_, _, p) in zip(VIEWS, (query, anchor)) if p is not None
                   for k, t in p.items()}
         clean = {f"{v}_target": t for v, (_, t, _) in zip(VIEWS, (query, anchor)) if t is not None}
         return {
