@@ -94,7 +94,8 @@ def build_data(work: Path, cases: int, val_cases: int, spacing: float, seed: int
     from alice_ds.data.datalist import build_datalist, write_datalist
     from alice_ds.data.phantom import subject_for_landmarks, write_dataset
     from alice_ds.data.preprocess import preprocess_dataset
-    from alice_ds.sam.io import embedding_path
+    from alice_ds.errors import DataError
+    from alice_ds.sam.io import embedding_path, open_embedding
     from alice_ds.sam.oracle import write_atlas_oracle_embedding
 
     raw, cache, embed = work / "phantoms", work / "cache", work / "embed"
@@ -111,7 +112,11 @@ def build_data(work: Path, cases: int, val_cases: int, spacing: float, seed: int
     embed.mkdir(exist_ok=True)
     for c in list_cases(cache):
         path = embedding_path(embed, c)
-        if not path.exists():
+        try:
+            current = open_embedding(embed, c) is not None  # an older format is written again
+        except DataError:
+            current = False
+        if not current:
             case = open_case(cache, c)
             subject = subject_for_landmarks(raw / "landmarks" / f"{case_key(c)}.json")
             write_atlas_oracle_embedding(path, c, case.affine, case.shape, subject)

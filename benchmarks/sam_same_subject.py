@@ -24,6 +24,7 @@ import numpy as np
 
 from alice_ds.args import positive_int
 from alice_ds.sam import DEFAULT_WINDOW, SEARCH_MODES
+from alice_ds.sam.io import CODE_BITS, DEFAULT_BITS
 
 CROP_FRACTION = (0.60, 0.75)
 """Extent of the crop per axis, as a fraction of the case's own (drawn per axis)."""
@@ -70,9 +71,9 @@ def _inside(case, points_mm) -> np.ndarray:
 
 
 def run(data_dir, cache_dir, checkpoint, work_dir, cases: list[str], body_points: int = 32,
-        searches=SEARCH_MODES[:2], window: int = DEFAULT_WINDOW, seed: int = 0) -> dict:
+        searches=SEARCH_MODES[:2], window: int = DEFAULT_WINDOW, seed: int = 0, bits: int = DEFAULT_BITS) -> dict:
     """The check for `cases` (cache ids of `cache_dir`, preprocessed from `data_dir`): copies,
-    preprocessing, embedding and matching under `work_dir` -> {copy: {search: summary}} with
+    preprocessing, embedding (codes of `bits` bits) and matching under `work_dir` -> {copy: {search: summary}} with
     summary = {n, median_mm, p95_mm, within_3mm, within_6mm} over "all" points, the "landmarks", the
     "body points" and those at least INTERIOR_MM inside the crop; plus "errors" per copy and search,
     "is_landmark" and "inside_mm" per point."""
@@ -104,7 +105,8 @@ def run(data_dir, cache_dir, checkpoint, work_dir, cases: list[str], body_points
             if row["status"] != "done":
                 raise DataError(path, f"preprocessing the {name} copy failed: {row.get('problem')}")
         for c in (cid, *[f"{case_key(cid)}_{n}_0000" for n in COPIES]):
-            embed_case(model, model_id, cache_dir if c == cid else cache, c, emb, DEFAULT_TILE, DEFAULT_OVERLAP)
+            embed_case(model, model_id, cache_dir if c == cid else cache, c, emb, DEFAULT_TILE, DEFAULT_OVERLAP,
+                       bits=bits)
         crop = open_case(cache, f"{case_key(cid)}_crop_0000")
         named = np.asarray(list(marks.get(case_key(cid), {}).values()), dtype=np.float64).reshape(-1, 3)
         named = named[_inside(crop, named)]
@@ -148,6 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--search", nargs="+", choices=SEARCH_MODES[:2], default=list(SEARCH_MODES[:2]),
                    help="matcher searches to report")
     p.add_argument("--seed", type=int, default=0, help="crop boxes and body points")
+    p.add_argument("--bits", type=int, choices=CODE_BITS, default=DEFAULT_BITS, help="embed's --bits")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results here")
     args = p.parse_args(argv)
 
@@ -162,7 +165,7 @@ def main(argv=None) -> int:
             held = set(split_case_ids(args.json_list, "validation"))
             cases = [c for c in cases if c in held]
         res = run(args.data_dir, args.cache_dir, args.sam_checkpoint, args.work_dir, cases, args.body_points,
-                  args.search, args.window, args.seed)
+                  args.search, args.window, args.seed, args.bits)
     except UserError as e:
         fail(str(e))
         return 2

@@ -89,10 +89,11 @@ class ReferenceSampler:
         import torch
         from safetensors.torch import load_file
 
-        from alice_ds.sam.io import embedding_path, open_embedding
+        from alice_ds.sam.io import embedding_path, open_embedding, unpack_codes
         ef = open_embedding(self.embed_dir, case_id)  # header: affines
         t = load_file(str(embedding_path(self.embed_dir, case_id)))  # the whole file, every try
-        fine = ef.decode(t["fine"]).permute(3, 0, 1, 2)[None]  # codes [X, Y, Z, K] -> [1, 128, X, Y, Z]
+        fine = ef.decode(unpack_codes(t["fine"].numpy(), ef.bits, ef.channels)).permute(3, 0, 1, 2)[None]  # codes
+        # [X, Y, Z, K] -> [1, 128, X, Y, Z]
         coarse = t["coarse"].float().permute(3, 0, 1, 2)[None]
         return ef, torch.nn.functional.normalize(fine, dim=1), torch.nn.functional.normalize(coarse, dim=1)
 

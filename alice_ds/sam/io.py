@@ -1,17 +1,20 @@
 """SAM embedding files: one `<embed_dir>/<case_id>.safetensors` per case (docs/interfaces.md).
 
-The fine grid is stored compact: `fine` int8 codes [Xf, Yf, Zf, K], channel-last, with `fine_basis`
-fp32 [128, K] (orthonormal columns: the case's own top-K principal directions of its fine vectors,
+The fine grid is stored compact: `fine` codes [Xf, Yf, Zf, K], channel-last, with `fine_basis` fp32
+[128, K] (orthonormal columns: the case's own top-K principal directions of its fine vectors,
 uncentred, or the identity when K = 128) and `fine_scale` fp32 [K]; a voxel's 128-d embedding is
-`(codes * fine_scale) @ fine_basis.T`. `embed` stores by default as many channels as keep 99.9 % of
-the case's fine-vector energy (`AUTO_KEEP`): a SAMNet's fine vectors span about its last feature
-width, so a full-size phantom CT takes 15 MB (width 0.125, K = 16) or 29 MB (width 0.25, K = 32)
-instead of 227 MB at fp16 x 128, with the same matches (docs/experiments/
-2026-12-03-compact-embeddings.md). `coarse` [Xc, Yc, Zc, 128] stays fp16 (a few hundred kB). Both are
-L2-normalised per voxel before compression. Channel-last, so a box of the fine grid is a few
-contiguous runs that a memory map reads without touching the rest of the file. Metadata values are
-JSON strings: the voxel -> world-mm affine of each grid (RAS), the strides in voxels of the 2 mm SAM
-grid, the model id.
+`(codes * fine_scale) @ fine_basis.T`, and `fine_norm` fp16 [Xf, Yf, Zf] holds its norm (the matcher
+divides by it: its scores are cosines). The codes have `fine_bits` bits: 8 (one int8 per channel) or 4
+(two per byte, `pack_codes`; what `embed` writes). `embed` stores by default as many channels as keep
+99.9 % of the case's fine-vector energy (`AUTO_KEEP`): a SAMNet's fine vectors span about its last
+feature width, so at 4 bits a full-size phantom CT takes about 9 MB (width 0.125, K = 16) or 16 MB
+(width 0.25, K = 32) instead of 227 MB at fp16 x 128, with matches as close as at 8 bits
+(docs/experiments/2026-12-03-four-bit-embeddings.md). `coarse` [Xc, Yc, Zc, 128] stays fp16 (a few
+hundred kB). Both are L2-normalised per voxel before compression. Channel-last, so a box of the fine
+grid is a few contiguous runs that a memory map reads without touching the rest of the file.
+Metadata values are JSON strings: the voxel -> world-mm affine of each grid (RAS), the strides in
+voxels of the 2 mm SAM grid, the model id, `fine_bits`. Format 3 (4-bit codes, `fine_norm`) replaced
+format 2 (int8 codes only); `embed` re-embeds files of an older format.
 """
 
 from __future__ import annotations
@@ -29,18 +32,23 @@ from safetensors.torch import save_file
 from alice_ds.errors import DataError
 from alice_ds.files import atomic_path
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 EMBED_DIM = 128
 SUFFIX = ".safetensors"
 PCA_SAMPLES = 200_000
 """Fine voxels (evenly strided) whose second-moment matrix gives a case's basis: ~0.1 s."""
 AUTO_KEEP = 0.999
 """Share of a case's fine-vector energy the automatic channel count keeps (`compress_fine`)."""
-CODE_MAX = 127
-"""int8 codes span [-CODE_MAX, CODE_MAX]; a channel's scale maps its largest |value| to CODE_MAX."""
-TENSORS = ("fine", "fine_basis", "fine_scale", "coarse")
+CODE_BITS = (8, 4)
+"""Bits per stored code: 8 (one int8 per channel) or 4 (two channels per byte, `pack_codes`)."""
+DEFAULT_BITS = 4
+"""What `embed` stores: at 4 bits (range clipped by `code_scale`) a width-0.25 SAMNet's 32 channels
+take 15 MB per full-size CT instead of 29 MB, held-out landmarks across subjects match as closely as
+at 8 bits, and within one subject the median moves 0.2-0.4 mm (docs/experiments/
+2026-12-03-four-bit-embeddings.md)."""
+TENSORS = ("fine", "fine_basis", "fine_scale", "fine_norm", "coarse")
 REQUIRED_META = ("case_id", "fine_affine", "coarse_affine", "fine_stride", "coarse_stride",
-                 "model_id", "format_version")
+                 "model_id", "format_version", "fine_bits")
 
 
 def embedding_path(embed_dir, case_id: str) -> Path:
@@ -55,7 +63,15 @@ def list_embeddings(embed_dir) -> list[str]:
     return sorted(p.name[:-len(SUFFIX)] for p in d.glob(f"*{SUFFIX}") if not p.name.startswith("."))
 
 
-def compress_fine(fine: torch.Tensor, channels: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def code_max(bits: int) -> int:
+    """Codes of `bits` bits span [-code_max, code_max] (symmetric: 127 for 8 bits, 7 for 4)."""
+    if bits not in CODE_BITS:
+        raise ValueError(f"bits must be one of {CODE_BITS}, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def compress_fine(fine: torch.Tensor, channels: int | None,
+                  bits: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Fine grid [X, Y, Z, 128] (unit vectors) -> (int8 codes [X, Y, Z, K], basis fp32 [128, K],
     scale fp32 [K], kept: the mean squared norm of the projections, the share of the vectors' energy
     the K channels keep). K = `channels`, or with None the fewest principal directions that keep
@@ -65,8 +81,13 @@ def compress_fine(fine: torch.Tensor, channels: int | None) -> tuple[torch.Tenso
     The basis is the top-K eigenvectors of the uncentred second moment of the case's fine vectors
     (what keeps their dot products best at rank K; the identity at K = 128), each signed so its
     largest entry is positive (the same vectors give the same file). The projections are not
-    re-normalised: a dot product with a decoded key estimates the full cosine from below, so score
-    thresholds keep their meaning. Each channel is quantised with its own scale."""
+    re-normalised here: the file stores each voxel's decoded norm (`fine_norm`), and the matcher
+    divides by it, so its scores are cosines of the stored vectors (rounding to 15 levels moves a
+    norm by a few %, and a plain dot product then favours the voxels rounded outwards: in the
+    same-subject test the 95th percentile of the LPS copy went from 4.1 to 7.5 mm without the
+    division). Each channel is quantised with its own scale to integers in
+    [-code_max(bits), code_max(bits)] (stored one per byte; `pack_codes` puts two 4-bit codes in one)."""
+    top = code_max(bits)
     if channels is not None and not 1 <= channels <= EMBED_DIM:
         raise ValueError(f"channels must be in [1, {EMBED_DIM}], got {channels}")
     flat = fine.reshape(-1, EMBED_DIM)  # [N, 128]
@@ -84,20 +105,74 @@ def compress_fine(fine: torch.Tensor, channels: int | None) -> tuple[torch.Tenso
         peak = basis.abs().argmax(0)
         basis = (basis * torch.sign(basis[peak, torch.arange(channels)])).float()
     proj = torch.cat([chunk.float() @ basis for chunk in flat.split(1 << 18)])  # [N, K]
-    scale = (proj.abs().amax(0) / CODE_MAX).clamp_min(1e-8)  # [K]
-    codes = torch.round(proj / scale).clamp(-CODE_MAX, CODE_MAX).to(torch.int8)
+    scale = code_scale(proj, bits)  # [K]
+    codes = torch.round(proj / scale).clamp(-top, top).to(torch.int8)
     kept = float(proj.square().sum(1).mean()) if len(proj) else 1.0
     return codes.view(*fine.shape[:3], channels), basis.contiguous(), scale, kept
 
 
+CLIP_FRACTIONS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+"""Below 8 bits each channel's range is clipped to the fraction of its largest |value| that rounds its
+values with the least squared error (`code_scale`)."""
+
+
+def code_scale(proj: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-channel step of the codes for values proj [N, K] -> [K]. At 8 bits the largest |value| maps
+    to the last code (rounding errors are then below 0.4 % of the range). With 15 levels at 4 bits a
+    few extreme values would waste most of them: the range is clipped to whichever of CLIP_FRACTIONS
+    of the largest |value| gives the least squared error (rounding plus clipping) over PCA_SAMPLES of
+    the values."""
+    top = code_max(bits)
+    peak = proj.abs().amax(0).clamp_min(1e-8)  # [K]
+    if bits == 8:
+        return peak / top
+    proj = proj[:: max(1, len(proj) // PCA_SAMPLES)]  # [S, K]
+    steps = torch.stack([peak * f / top for f in CLIP_FRACTIONS])  # [F, K]
+    error = torch.stack([((torch.round(proj / s).clamp(-top, top) * s - proj) ** 2).sum(0) for s in steps])  # [F, K]
+    return steps.gather(0, error.argmin(0, keepdim=True))[0]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 codes [..., K] in [-code_max(bits), code_max(bits)] -> what the file stores: the codes
+    themselves at 8 bits; at 4 bits int8 [..., ceil(K / 2)], channel 2j in the low half of byte j and
+    2j + 1 in the high half (two's complement nibbles; an odd K is padded with a zero code).
+    Channel-last either way, so a box of the grid is still a few contiguous runs."""
+    code_max(bits)  # validates `bits`
+    if bits == 8:
+        return codes
+    if codes.shape[-1] % 2:
+        codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], 1)], -1)
+    low, high = codes[..., 0::2], codes[..., 1::2]
+    return ((high << 4) | (low & 0x0F)).to(torch.int8)
+
+
+def _nibble_table() -> np.ndarray:
+    """Byte value (as uint8) -> its two 4-bit codes (low, high), int8 [256, 2]."""
+    byte = np.arange(256, dtype=np.uint8).view(np.int8)
+    return np.stack([np.left_shift(byte, 4) >> 4, byte >> 4], 1)  # int8 arithmetic: sign-extended
+
+
+NIBBLES = _nibble_table()
+
+
+def unpack_codes(stored: np.ndarray, bits: int, channels: int) -> np.ndarray:
+    """`pack_codes` undone: stored int8 [..., B] -> codes int8 [..., channels] (at 8 bits `stored`
+    itself, a memory map stays a map). One table lookup per byte: 30 % faster than shifting and
+    interleaving (45 vs 65 us for a 20^3 window of 16 channels, one core)."""
+    if bits == 8:
+        return stored
+    codes = np.take(NIBBLES, np.asarray(stored).view(np.uint8), axis=0)  # [..., B, 2]
+    return codes.reshape(*codes.shape[:-2], -1)[..., :channels]
+
+
 def write_embedding(path, fine: torch.Tensor, coarse: torch.Tensor, fine_affine, coarse_affine,
                     fine_stride, coarse_stride, model_id: str, case_id: str,
-                    channels: int | None = EMBED_DIM) -> Path:
+                    channels: int | None = EMBED_DIM, bits: int = 8) -> Path:
     """Write one case atomically (temp file in the same directory, then rename), so a reader never
     sees a half-written file and an interrupted `embed` leaves no file that looks finished.
     fine [Xf, Yf, Zf, 128], coarse [Xc, Yc, Zc, 128]; the fine grid is stored as `channels` int8
-    codes (`compress_fine`; 128 = the identity basis, only quantised; None = as many as keep
-    AUTO_KEEP of the energy)."""
+    codes of `bits` bits (`compress_fine`, `pack_codes`; 128 = the identity basis, only quantised;
+    None = as many as keep AUTO_KEEP of the energy)."""
     path = Path(path)
     for name, t in (("fine", fine), ("coarse", coarse)):
         if t.ndim != 4 or t.shape[-1] != EMBED_DIM:
@@ -111,9 +186,12 @@ def write_embedding(path, fine: torch.Tensor, coarse: torch.Tensor, fine_affine,
         "model_id": model_id,
         "format_version": FORMAT_VERSION,
     }
-    codes, basis, scale, kept = compress_fine(fine.detach().cpu(), channels)
+    codes, basis, scale, kept = compress_fine(fine.detach().cpu(), channels, bits)
     meta["fine_kept"] = json.dumps(round(kept, 6))
-    tensors = {"fine": codes.contiguous(), "fine_basis": basis, "fine_scale": scale,
+    meta["fine_bits"] = str(bits)
+    norm = torch.cat([(c.float() * scale).norm(dim=-1) for c in codes.view(-1, codes.shape[-1]).split(1 << 18)])
+    tensors = {"fine": pack_codes(codes, bits).contiguous(), "fine_basis": basis, "fine_scale": scale,
+               "fine_norm": norm.view(codes.shape[:3]).to(torch.float16).contiguous(),
                "coarse": coarse.detach().to(torch.float16).contiguous().cpu()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -137,10 +215,12 @@ class EmbeddingFile:
     coarse_stride: tuple[int, int, int]
     fine_shape: tuple[int, int, int]
     coarse_shape: tuple[int, int, int]
+    bits: int  # per stored code: 8 or 4 (`pack_codes`)
     basis: torch.Tensor = field(repr=False)  # fp32 [128, K]
     scale: torch.Tensor = field(repr=False)  # fp32 [K]
     meta: dict = field(repr=False)
     _fine_map: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _norm_map: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def channels(self) -> int:
@@ -159,8 +239,8 @@ class EmbeddingFile:
         return (queries.float() @ self.basis) * self.scale
 
     def fine_map(self) -> np.ndarray:
-        """The fine grid's codes as a read-only memory map, int8 [Xf, Yf, Zf, K] (as stored; dot
-        them with `code_queries`, or `decode` them).
+        """The stored fine grid as a read-only memory map: int8 [Xf, Yf, Zf, K] codes at 8 bits,
+        [Xf, Yf, Zf, ceil(K / 2)] packed pairs at 4 (read codes with `fine_codes`).
 
         Zero-copy: indexing it reads only the touched pages (the OS page cache keeps them warm
         across calls and across the processes that map the same file). Mapped on first use in the
@@ -169,10 +249,23 @@ class EmbeddingFile:
             self._fine_map = _map_tensor(self.path, "fine")
         return self._fine_map
 
+    def norm_map(self) -> np.ndarray:
+        """Each fine voxel's decoded norm, ||codes * scale||, as a read-only fp16 memory map
+        [Xf, Yf, Zf]: a code dot product divided by it is the cosine with the stored vector."""
+        if self._norm_map is None:
+            self._norm_map = _map_tensor(self.path, "fine_norm")
+        return self._norm_map
+
+    def fine_codes(self, index=np.s_[...]) -> np.ndarray:
+        """Codes of the fine voxels `fine_map()[index]` (slices or integer index arrays over the
+        three grid axes), int8 [..., K]: dot them with `code_queries`, or `decode` them. At 8 bits
+        a slice is a view of the memory map; 4-bit pairs are unpacked (a copy of the part read)."""
+        return unpack_codes(self.fine_map()[index], self.bits, self.channels)
+
     def __getstate__(self) -> dict:
         """Copies (and DataLoader workers started by spawn) map the file anew: a memory map would
         otherwise travel as a full in-memory copy of the fine grid."""
-        return {**self.__dict__, "_fine_map": None}
+        return {**self.__dict__, "_fine_map": None, "_norm_map": None}
 
     def fine_window(self, lo, hi) -> torch.Tensor:
         """Fine-grid box `[lo, hi)` (voxel indices, clipped to the grid), decoded: float32
@@ -184,7 +277,7 @@ class EmbeddingFile:
                 part = f.get_slice("fine")[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
         except Exception as e:  # safetensors raises several types for a truncated/replaced file
             raise DataError(self.path, f"cannot read the fine embedding window: {e}") from None
-        return self.decode(part)
+        return self.decode(unpack_codes(part.numpy(), self.bits, self.channels))
 
     def coverage_problem(self, affine, shape) -> str | None:
         """Why this file cannot hold the embeddings of a volume with `affine` (4x4 voxel -> world mm)
@@ -262,9 +355,13 @@ def open_embedding(embed_dir, case_id: str) -> EmbeddingFile:
     missing = [k for k in TENSORS if k not in keys] + [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise DataError(path, f"embedding file lacks {', '.join(missing)}")
+    bits = int(meta["fine_bits"]) if meta["fine_bits"].isdigit() else -1
+    if bits not in CODE_BITS:
+        raise DataError(path, f"fine_bits {meta['fine_bits']!r}, expected one of {CODE_BITS}")
     k = shapes["fine_scale"][0] if len(shapes["fine_scale"]) == 1 else -1
-    expected = {"fine": ("X", "Y", "Z", k), "coarse": ("X", "Y", "Z", EMBED_DIM), "fine_basis": (EMBED_DIM, k),
-                "fine_scale": (k,)}
+    stored = k if bits == 8 else (k + 1) // 2
+    expected = {"fine": ("X", "Y", "Z", stored), "coarse": ("X", "Y", "Z", EMBED_DIM), "fine_basis": (EMBED_DIM, k),
+                "fine_scale": (k,), "fine_norm": shapes["fine"][:3]}
     for name, want in expected.items():
         s = shapes[name]
         if len(s) != len(want) or any(isinstance(w, int) and w != v for w, v in zip(want, s)) or k < 1:
@@ -279,5 +376,5 @@ def open_embedding(embed_dir, case_id: str) -> EmbeddingFile:
     return EmbeddingFile(path=path, case_id=meta["case_id"], fine_affine=fine_affine,
                          coarse_affine=coarse_affine, fine_stride=fine_stride,
                          coarse_stride=coarse_stride, fine_shape=shapes["fine"][:3],
-                         coarse_shape=shapes["coarse"][:3], basis=small["fine_basis"],
+                         coarse_shape=shapes["coarse"][:3], bits=bits, basis=small["fine_basis"],
                          scale=small["fine_scale"], meta=meta)

@@ -53,6 +53,8 @@ from alice_ds.sam.io import EmbeddingFile, open_embedding
 DEFAULT_CACHE = 64
 """Coarse grids kept per process (a 400 mm CT at coarse stride 16 is ~13^3 x 128 fp32 = 1 MB, held
 twice: as the grid and as the transposed key matrix)."""
+NORM_FLOOR = 1e-6
+"""A key voxel whose codes all rounded to 0 (decoded norm 0) scores 0, not NaN."""
 POINTS_PER_CHUNK = 64
 """Windows per fine search (points x coarse candidates): bounds its [P, W] similarity and index
 arrays (W = window^3 voxels; 64 x 8000 x 3 int64 = 12 MB at the default window). All candidates of a
@@ -125,7 +127,7 @@ class Matcher:
         corner = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).reshape(8, 3)  # [8, 3]
         idx = np.where(corner[None] == 1, hi[:, None], lo[:, None])  # [P, 8, 3]
         weight = np.where(corner[None] == 1, frac[:, None], 1 - frac[:, None]).prod(-1)  # [P, 8]
-        vals = ef.fine_map()[idx[..., 0], idx[..., 1], idx[..., 2]].astype(np.float32)  # codes [P, 8, K]
+        vals = ef.fine_codes((idx[..., 0], idx[..., 1], idx[..., 2])).astype(np.float32)  # codes [P, 8, K]
         qf = ef.decode(np.einsum("pk,pkc->pc", weight.astype(np.float32), vals))  # [P, 128] (decoding is linear)
         cijk = torch.from_numpy(world_to_index(ef.coarse_affine, pts)).float()
         qc = sample_channels_last(coarse, cijk)
@@ -174,7 +176,7 @@ class Matcher:
                 m, sc = mk.reshape(-1, k, 3)[rows, pick], sk.reshape(-1, k)[rows, pick]
             else:
                 m, sc = self._global_search(ef, kcoarse, qft[sl], qc[sl], steps)
-            offset = subvoxel_offsets(ef.fine_map(), m, qk[sl].numpy()) if self.refine else 0.0
+            offset = subvoxel_offsets(ef, m, qk[sl].numpy()) if self.refine else 0.0
             matched.append(index_to_world(ef.fine_affine, m + offset))
             scores.append(sc)
         return np.concatenate(matched), np.concatenate(scores).astype(np.float32)
@@ -197,14 +199,17 @@ class Matcher:
         shape = np.asarray(ef.fine_shape)
         size = np.minimum(self.window, shape)  # same window size for every point -> one product
         lo = np.clip(centre.astype(np.int64) - size // 2, 0, shape - size)  # [P, 3]
-        fine = _as_tensor(ef.fine_map())  # int8 codes [Xf, Yf, Zf, K], memory-mapped
-        buf = torch.empty((*size, fine.shape[-1]))  # [wx, wy, wz, K] fp32, reused: stays in cache
-        flat = buf.view(-1, fine.shape[-1])  # [W, K]
+        buf = torch.empty((*size, ef.channels))  # [wx, wy, wz, K] fp32, reused: stays in cache
+        flat = buf.view(-1, ef.channels)  # [W, K]
         sim_f = torch.empty(len(lo), flat.shape[0])  # [P, W]
+        norm = torch.empty(len(lo), *size)  # [P, wx, wy, wz]: the keys' decoded norms
         for p, (a, b, c) in enumerate(lo.tolist()):
-            buf.copy_(fine[a:a + size[0], b:b + size[1], c:c + size[2]])  # int8 -> fp32, window only
+            box = np.s_[a:a + size[0], b:b + size[1], c:c + size[2]]
+            buf.copy_(_as_tensor(ef.fine_codes(box)))  # int8 -> fp32, the window only
+            norm[p].copy_(_as_tensor(ef.norm_map()[box]))
             torch.mv(flat, qf[p], out=sim_f[p])  # [W, K] @ [K] -> [W]; one core, W = 8000: torch.mv
             # 0.6 ms at K = 128, NumPy's matmul 11 ms, torch.bmm of all windows at once 1.5 ms per window
+        sim_f /= norm.view(len(lo), -1).clamp_min(NORM_FLOOR)  # dot products -> cosines
         # coarse similarity at each window voxel: trilinear in the coarse map of each point. The fine
         # and coarse grids share their axes, so it is one linear interpolation per axis (border-
         # clamped, as grid_sample with align_corners=True and border padding), three batched
@@ -239,8 +244,7 @@ class Matcher:
         cheaper per query; with a model trained by the held-out protocol at HU window -200..300 the
         global argmax lands within 10 mm for 40.3 % of the landmarks this way and for 29.4 % with the
         interpolated similarity map). kcoarse [Xc, Yc, Zc, C]: the key's coarse grid; qc [P, C]."""
-        fine = _as_tensor(ef.fine_map())  # int8 codes [Xf, Yf, Zf, K], memory-mapped
-        nx, ny, nz, k = fine.shape
+        nx, ny, nz, k = *ef.fine_shape, ef.channels
         channels = kcoarse.shape[-1]
         halo = int(np.abs(steps[:, 0]).max())
         coarse = kcoarse.permute(3, 0, 1, 2)[None]  # [1, C, Xc, Yc, Zc]
@@ -250,7 +254,9 @@ class Matcher:
         for a in range(0, nx, GLOBAL_SLAB_PLANES):
             n = min(GLOBAL_SLAB_PLANES, nx - a)
             lo, hi = max(a - halo, 0), min(a + n + halo, nx)
-            slab = fine[lo:hi].float().view(-1, k)  # [(hi - lo) * Yf * Zf, K] fp32, with the halo
+            slab = _as_tensor(ef.fine_codes(np.s_[lo:hi])).float().view(-1, k)  # [(hi - lo) * Yf * Zf, K] fp32,
+            # with the halo
+            slab /= _as_tensor(ef.norm_map()[lo:hi]).float().view(-1, 1).clamp_min(NORM_FLOOR)  # unit keys
             total = torch.zeros(len(qf), n, ny, nz)  # sum of cos_fine over the offsets inside the grid
             count = torch.zeros(1, n, ny, nz)
             for t, (dx, dy, dz) in enumerate(steps.tolist()):
@@ -299,22 +305,23 @@ def context_steps(context: int) -> np.ndarray:
     return np.concatenate([np.zeros((1, 3), dtype=np.int64), axes, -axes])
 
 
-def subvoxel_offsets(fine: np.ndarray, best: np.ndarray, qf: np.ndarray) -> np.ndarray:
+def subvoxel_offsets(ef: EmbeddingFile, best: np.ndarray, qf: np.ndarray) -> np.ndarray:
     """Where between fine voxels the peak lies: per axis, the vertex of the parabola through the fine
     cosine of the query at the best voxel and at its two neighbours on that axis, in voxels, in
     [-0.5, 0.5] (0 where a neighbour is outside the grid or the three values do not curve down).
-    fine [Xf, Yf, Zf, K] (the key's codes, a memory map is fine), best [P, 3] int fine indices,
-    qf [P, K] query embeddings in those codes (`EmbeddingFile.code_queries`) -> offsets [P, 3].
+    ef: the key case's file; best [P, 3] int fine indices, qf [P, K] query embeddings in its codes
+    (`EmbeddingFile.code_queries`) -> offsets [P, 3].
 
     The coarse term is left out: across one fine voxel it is nearly linear and only tilts the
     parabola towards the coarse peak. A 4 mm grid alone puts a match ~2 mm from the point at the
     median; this brings identical embeddings to a fraction of that."""
-    shape = np.asarray(fine.shape[:3])
+    shape = np.asarray(ef.fine_shape)
     idx = best[:, None, :] + context_steps(1)[None]  # [P, 7, 3]: the voxel, then +x +y +z, then -x -y -z
     inside = ((idx >= 0) & (idx < shape)).all(-1)  # [P, 7]
     idx = np.clip(idx, 0, shape - 1)
-    vals = fine[idx[..., 0], idx[..., 1], idx[..., 2]].astype(np.float32)  # [P, 7, C]
-    s = np.einsum("pkc,pc->pk", vals, np.asarray(qf, dtype=np.float32))  # [P, 7]
+    vals = ef.fine_codes((idx[..., 0], idx[..., 1], idx[..., 2])).astype(np.float32)  # [P, 7, K]
+    norm = ef.norm_map()[idx[..., 0], idx[..., 1], idx[..., 2]].astype(np.float32)  # [P, 7]
+    s = np.einsum("pkc,pc->pk", vals, np.asarray(qf, dtype=np.float32)) / np.maximum(norm, NORM_FLOOR)  # [P, 7]
     plus, minus = s[:, 1:4], s[:, 4:7]  # [P, 3] each
     curve = plus - 2 * s[:, :1] + minus  # [P, 3]: 2a of the parabola a t^2 + b t + c
     ok = inside[:, 1:4] & inside[:, 4:7] & (curve < 0)
