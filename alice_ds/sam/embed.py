@@ -64,8 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{AUTO_KEEP:.1%} of its energy (16 for a width-0.125 SAMNet, 32 for 0.25); "
                         f"K: exactly K ({EMBED_DIM} = all, only quantised)")
     p.add_argument("--bits", type=int, choices=CODE_BITS, default=DEFAULT_BITS,
-                   help="bits per stored code: 4 (two channels per byte; 15 MB per full-size CT with a "
-                        "width-0.25 SAMNet) or 8 (twice the size; matches within one subject 0.2-0.4 mm "
+                   help="bits per stored code: 4 (two channels per byte; 16 MB per full-size CT with a "
+                        "width-0.25 SAMNet) or 8 (about twice the size; matches within one subject 0.1-0.2 mm "
                         "closer at the median, across subjects no difference measured)")
     p.add_argument("--force", action="store_true", help="re-embed cases whose file already exists")
     p.add_argument("--device", default=None,

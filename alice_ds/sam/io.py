@@ -43,8 +43,8 @@ CODE_BITS = (8, 4)
 """Bits per stored code: 8 (one int8 per channel) or 4 (two channels per byte, `pack_codes`)."""
 DEFAULT_BITS = 4
 """What `embed` stores: at 4 bits (range clipped by `code_scale`) a width-0.25 SAMNet's 32 channels
-take 15 MB per full-size CT instead of 29 MB, held-out landmarks across subjects match as closely as
-at 8 bits, and within one subject the median moves 0.2-0.4 mm (docs/experiments/
+take 16 MB per full-size CT (with `fine_norm`) instead of 29 MB, held-out landmarks across subjects
+match as closely as at 8 bits, and within one subject the median moves 0.1-0.2 mm (docs/experiments/
 2026-12-03-four-bit-embeddings.md)."""
 TENSORS = ("fine", "fine_basis", "fine_scale", "fine_norm", "coarse")
 REQUIRED_META = ("case_id", "fine_affine", "coarse_affine", "fine_stride", "coarse_stride",
