@@ -111,15 +111,13 @@ def build_data(work: Path, cases: int, val_cases: int, spacing: float, seed: int
         preprocess_dataset(raw, datalist, cache, spacing=(spacing,) * 3, show=False)
     embed.mkdir(exist_ok=True)
     for c in list_cases(cache):
-        path = embedding_path(embed, c)
         try:
-            current = open_embedding(embed, c) is not None  # an older format is written again
-        except DataError:
-            current = False
-        if not current:
+            open_embedding(embed, c)
+            continue
+        except DataError:  # missing, or of an older format: written (again)
             case = open_case(cache, c)
             subject = subject_for_landmarks(raw / "landmarks" / f"{case_key(c)}.json")
-            write_atlas_oracle_embedding(path, c, case.affine, case.shape, subject)
+            write_atlas_oracle_embedding(embedding_path(embed, c), c, case.affine, case.shape, subject)
     return {"data_dir": raw, "json_list": datalist, "cache": cache, "embed": embed}
 
 

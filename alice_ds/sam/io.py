@@ -111,6 +111,8 @@ def compress_fine(fine: torch.Tensor, channels: int | None,
     return codes.view(*fine.shape[:3], channels), basis.contiguous(), scale, kept
 
 
+NORM_FLOOR = 1e-6
+"""Least stored `fine_norm`: a voxel whose codes all rounded to 0 then scores 0 in the matcher, not NaN."""
 CLIP_FRACTIONS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 """Below 8 bits each channel's range is clipped to the fraction of its largest |value| that rounds its
 values with the least squared error (`code_scale`)."""
@@ -190,6 +192,7 @@ def write_embedding(path, fine: torch.Tensor, coarse: torch.Tensor, fine_affine,
     meta["fine_kept"] = json.dumps(round(kept, 6))
     meta["fine_bits"] = str(bits)
     norm = torch.cat([(c.float() * scale).norm(dim=-1) for c in codes.view(-1, codes.shape[-1]).split(1 << 18)])
+    norm = norm.clamp_min(NORM_FLOOR)
     tensors = {"fine": pack_codes(codes, bits).contiguous(), "fine_basis": basis, "fine_scale": scale,
                "fine_norm": norm.view(codes.shape[:3]).to(torch.float16).contiguous(),
                "coarse": coarse.detach().to(torch.float16).contiguous().cpu()}

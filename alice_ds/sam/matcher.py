@@ -53,8 +53,6 @@ from alice_ds.sam.io import EmbeddingFile, open_embedding
 DEFAULT_CACHE = 64
 """Coarse grids kept per process (a 400 mm CT at coarse stride 16 is ~13^3 x 128 fp32 = 1 MB, held
 twice: as the grid and as the transposed key matrix)."""
-NORM_FLOOR = 1e-6
-"""A key voxel whose codes all rounded to 0 (decoded norm 0) scores 0, not NaN."""
 POINTS_PER_CHUNK = 64
 """Windows per fine search (points x coarse candidates): bounds its [P, W] similarity and index
 arrays (W = window^3 voxels; 64 x 8000 x 3 int64 = 12 MB at the default window). All candidates of a
@@ -209,7 +207,7 @@ class Matcher:
             norm[p].copy_(_as_tensor(ef.norm_map()[box]))
             torch.mv(flat, qf[p], out=sim_f[p])  # [W, K] @ [K] -> [W]; one core, W = 8000: torch.mv
             # 0.6 ms at K = 128, NumPy's matmul 11 ms, torch.bmm of all windows at once 1.5 ms per window
-        sim_f /= norm.view(len(lo), -1).clamp_min(NORM_FLOOR)  # dot products -> cosines
+        sim_f /= norm.view(len(lo), -1)  # dot products -> cosines (stored norms are >= io.NORM_FLOOR)
         # coarse similarity at each window voxel: trilinear in the coarse map of each point. The fine
         # and coarse grids share their axes, so it is one linear interpolation per axis (border-
         # clamped, as grid_sample with align_corners=True and border padding), three batched
@@ -256,7 +254,7 @@ class Matcher:
             lo, hi = max(a - halo, 0), min(a + n + halo, nx)
             slab = _as_tensor(ef.fine_codes(np.s_[lo:hi])).float().view(-1, k)  # [(hi - lo) * Yf * Zf, K] fp32,
             # with the halo
-            slab /= _as_tensor(ef.norm_map()[lo:hi]).float().view(-1, 1).clamp_min(NORM_FLOOR)  # unit keys
+            slab /= _as_tensor(ef.norm_map()[lo:hi]).float().view(-1, 1)  # unit keys
             total = torch.zeros(len(qf), n, ny, nz)  # sum of cos_fine over the offsets inside the grid
             count = torch.zeros(1, n, ny, nz)
             for t, (dx, dy, dz) in enumerate(steps.tolist()):
@@ -321,7 +319,7 @@ def subvoxel_offsets(ef: EmbeddingFile, best: np.ndarray, qf: np.ndarray) -> np.
     idx = np.clip(idx, 0, shape - 1)
     vals = ef.fine_codes((idx[..., 0], idx[..., 1], idx[..., 2])).astype(np.float32)  # [P, 7, K]
     norm = ef.norm_map()[idx[..., 0], idx[..., 1], idx[..., 2]].astype(np.float32)  # [P, 7]
-    s = np.einsum("pkc,pc->pk", vals, np.asarray(qf, dtype=np.float32)) / np.maximum(norm, NORM_FLOOR)  # [P, 7]
+    s = np.einsum("pkc,pc->pk", vals, np.asarray(qf, dtype=np.float32)) / norm  # [P, 7]
     plus, minus = s[:, 1:4], s[:, 4:7]  # [P, 3] each
     curve = plus - 2 * s[:, :1] + minus  # [P, 3]: 2a of the parabola a t^2 + b t + c
     ok = inside[:, 1:4] & inside[:, 4:7] & (curve < 0)
