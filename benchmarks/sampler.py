@@ -296,8 +296,8 @@ def _mm(x) -> str:
 
 
 def main(argv=None) -> int:
+    from alice_ds.memory import WORKER_MMAP_THRESHOLD, keep_freed_memory
     from alice_ds.sampler import PairDataset, SamplerConfig, apply_device_augment
-    from alice_ds.sampler.loader import tune_worker_allocator
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     from alice_ds.console import console, table
 
     torch.set_num_threads(1)  # per-core rates: one DataLoader worker runs one thread
-    tune_worker_allocator()  # as PairDataset does in each DataLoader worker
+    keep_freed_memory(WORKER_MMAP_THRESHOLD)  # as PairDataset does in each DataLoader worker
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="alice_sampler_bench_"))
     if args.cache_dir:
         if not (args.embed_dir and args.landmarks):

@@ -411,22 +411,6 @@ def test_state_from_another_world_size_restarts_its_epoch(cohort):
         ds.load_state_dict(dict(state, world_size=1, position=7))
 
 
-
-
-
-
-def test_worker_allocator_tuning_takes_on_glibc():
-    import platform
-
-    from alice_ds.sampler.loader import tune_worker_allocator
-
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert tune_worker_allocator() is True
-        assert tune_worker_allocator() is True  # idempotent
-    else:
-        assert tune_worker_allocator() is False
-
-
 AUG = dict(roi=32, rotation=15.0, rotation_prob=0.7, noise_std=0.1, intensity_scale=0.1, intensity_shift=0.05)
 PARAMS = {f"{v}_aug_{k}" for v in ("query", "anchor") for k in ("rot", "noise_seed", "noise_std", "scale", "shift")}
 

@@ -19,6 +19,7 @@ from alice_ds.engine.config import TrainConfig, resolve
 from alice_ds.engine.distenv import DistEnv, release_cpu_allreduce_buffer
 from alice_ds.engine.ds_config import resolve_ds_config
 from alice_ds.errors import DataError
+from alice_ds.memory import keep_freed_memory
 
 
 def on_cpu() -> bool:
@@ -49,11 +50,13 @@ def preflight(cfg: TrainConfig, env: DistEnv) -> tuple[TrainConfig, dict]:
 @contextlib.contextmanager
 def distributed(env: DistEnv):
     """The process group of the run: DeepSpeed's rendezvous on entry (on the CPU also the release of
-    its shared-memory all-reduce buffer names, `distenv.release_cpu_allreduce_buffer`), the group's
-    destruction on exit (NCCL warns at exit otherwise)."""
+    its shared-memory all-reduce buffer names, `distenv.release_cpu_allreduce_buffer`, and an allocator
+    that keeps freed memory, `alice_ds.memory`), the group's destruction on exit (NCCL warns at exit
+    otherwise)."""
     deepspeed.init_distributed()
     try:
         if on_cpu():  # a world of one has a buffer too
+            keep_freed_memory()  # each step's large activations reuse mapped pages
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()  # every rank has mapped the others' shared-memory buffers
             release_cpu_allreduce_buffer(env.rank)

@@ -41,6 +41,7 @@ from alice_ds.finetune.data import (
     unwrap_transform_error,
 )
 from alice_ds.finetune.metrics import dice_per_class, predict
+from alice_ds.memory import keep_freed_memory
 
 GRAD_CLIP = 1.0
 MIN_LR_FRACTION = 0.01
@@ -152,6 +153,8 @@ def finetune(cfg: FinetuneConfig, data_dir, json_list, output_dir, resume: bool 
     """Train; returns the summary (`best_dice`, `best_step`, `step`, `loaded_tensors`)."""
     cuda = torch.cuda.is_available()  # cpu=True without CUDA: Accelerate then joins torchrun's / its own
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")  # CPU ranks (gloo)
+    if not cuda:
+        keep_freed_memory()  # alice_ds.memory: each step's attention matrices reuse mapped pages
     main = accelerator.is_main_process
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

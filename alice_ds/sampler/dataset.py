@@ -32,11 +32,11 @@ from alice_ds import dist
 from alice_ds.console import warn
 from alice_ds.data.cache import body_voxels, hu_window, list_cases, open_case
 from alice_ds.errors import UserError
+from alice_ds.memory import WORKER_MMAP_THRESHOLD, keep_freed_memory
 from alice_ds.sam.matcher import Matcher
 from alice_ds.sampler.augment import ViewAugment, aug_key
 from alice_ds.sampler.cases import usable_cases
 from alice_ds.sampler.config import RETRY_CALLS, SamplerConfig
-from alice_ds.sampler.loader import tune_worker_allocator
 from alice_ds.sampler.masks import block_mask
 from alice_ds.views import VIEWS
 
@@ -319,7 +319,7 @@ class PairDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:
-            tune_worker_allocator()
+            keep_freed_memory(WORKER_MMAP_THRESHOLD)
         start, end, b = self._next, self._end(), self.batch_block
         k = worker  # block k holds stream indices start + k*b ... start + (k+1)*b - 1
         while True:

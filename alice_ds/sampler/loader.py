@@ -1,9 +1,8 @@
 """`PairLoader`: a DataLoader over a `PairDataset` that keeps the stream position and counters in the
-main process; and the allocator setting its workers use."""
+main process."""
 
 from __future__ import annotations
 
-import ctypes
 import signal
 from typing import TYPE_CHECKING
 
@@ -12,11 +11,6 @@ from torch.utils.data import DataLoader
 if TYPE_CHECKING:
     from alice_ds.sampler.dataset import PairDataset
 
-WORKER_MMAP_THRESHOLD = 256 * 2**20
-"""Bytes: in a worker, glibc serves allocations below this from the heap and keeps freed memory
-(see `tune_worker_allocator`)."""
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter ids (malloc.h)
-_allocator_tuned = False
 WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Stop signals a DataLoader worker ignores. Launchers and schedulers send them to every process of a
 job, workers included; a worker killed that way makes the main process raise "DataLoader worker ...
@@ -29,27 +23,6 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: this worker ignores `WORKER_IGNORED_SIGNALS`."""
     for s in WORKER_IGNORED_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-
-
-def tune_worker_allocator() -> bool:
-    """Make glibc keep freed memory of this process (once; False where there is no glibc).
-
-    A sample allocates a few 1.7-10 MB arrays (crops, float views, rotation grids). By default glibc
-    maps each of them fresh (`mmap`) and unmaps it on free, so every sample pays ~1000 page faults
-    per array; served from a heap that is not trimmed, they reuse pages already mapped. Measured
-    on the benchmark phantoms, one core: 81 -> 95 pairs/CPU-s without augmentation. `PairDataset`
-    calls this in each DataLoader worker; the worker's heap then stays at its peak (tens of MB)."""
-    global _allocator_tuned
-    if not _allocator_tuned:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            ok = (libc.mallopt(_M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD) == 1
-                  and libc.mallopt(_M_TRIM_THRESHOLD, 2 * WORKER_MMAP_THRESHOLD) == 1)
-        except (OSError, AttributeError):
-            ok = False
-        _allocator_tuned = ok
-    return _allocator_tuned
-
 
 
 class PairLoader:
