@@ -14,7 +14,9 @@ Stages, each cached in `--work_dir` (a rerun skips what is finished and resumes 
 3. convert: `alice-ds convert` (EMA teacher -> MONAI SwinUNETR weights + W.json);
 4. fine-tune: `alice-ds finetune` per (variant or scratch, K, seed), validated once at the last step
    on the validation list; its mean Dice over the classes goes into the table;
-5. table: mean ± sample standard deviation over seeds, printed and written as JSON and markdown.
+5. tables: mean ± sample standard deviation over seeds, and each pretrained arm minus scratch with the
+   same K and seed (paired: the seed moves both arms together), printed and written as JSON and
+   markdown.
 
 Why this default size (it must fit about 90 minutes on a 2-core CPU; measured costs there: one tiny-
 preset Alice step ≈ 8 s per sample at 64³, one fine-tuning step with two 64³ crops of SwinUNETR F=12
@@ -170,6 +172,28 @@ def table(results: dict, ks: list[int], arms: list[str]) -> tuple[list[str], lis
     return header, rows
 
 
+def paired(results: dict, ks: list[int], arms: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Each pretrained arm minus scratch at the same K and seed, in Dice points (x 100), mean ± sd over
+    the seeds both hold. The seed moves every arm together (crops and the decoder's initialisation are
+    the same for both arms), so the paired difference shows an effect that the spread of each arm's
+    own mean hides."""
+    def diffs(arm: str, k: int) -> list[float]:
+        base = {r["seed"]: r["val_dice"] for r in results.get(SCRATCH, {}).get(str(k), [])}
+        return [100 * (r["val_dice"] - base[r["seed"]]) for r in results.get(arm, {}).get(str(k), [])
+                if r["seed"] in base]
+
+    header = ["arm - scratch"] + [f"K={k}" for k in ks]
+    rows = []
+    for arm in (a for a in arms if a != SCRATCH):
+        cells = []
+        for k in ks:
+            d = diffs(arm, k)
+            cells.append("n/a" if not d else f"{statistics.fmean(d):+.1f} ± {statistics.stdev(d):.1f}"
+                         if len(d) > 1 else f"{d[0]:+.1f}")
+        rows.append([arm] + cells)
+    return header, rows
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
@@ -227,13 +251,18 @@ def main(argv=None) -> int:
                 {"seed": seed, "val_dice": best["val_dice"], "per_class": best["val_dice_per_class"]})
 
     arms = ["alice", SCRATCH] + list(args.ablations)
-    header, rows = table(results, sorted(set(args.ks) | ({ABLATION_K} if args.ablations else set())), arms)
+    ks = sorted(set(args.ks) | ({ABLATION_K} if args.ablations else set()))
+    header, rows = table(results, ks, arms)
     md = (f"Mean validation Dice ({len(CLASSES)} classes, {args.val_cases} held-out phantoms) after "
           f"{args.finetune_steps} fine-tuning steps, mean ± sd over seeds {args.seeds}; pretraining "
-          f"{args.pretrain_steps} steps (tiny preset); ablations at K={ABLATION_K} only.\n\n" + markdown(header, rows))
+          f"{args.pretrain_steps} steps (tiny preset); ablations at K={ABLATION_K} only.\n\n" + markdown(header, rows)
+          + "\nPretrained minus scratch with the same K and seed, Dice points, mean ± sd over seeds:\n\n"
+          + markdown(*paired(results, ks, arms)))
     total = time.perf_counter() - started
     report = {"settings": {k: v for k, v in vars(args).items()}, "classes": CLASSES, "results": results,
-              "table": {"header": header, "rows": rows}, "seconds": timings, "total_seconds": total}
+              "table": {"header": header, "rows": rows},
+              "paired": dict(zip(("header", "rows"), paired(results, ks, arms))), "seconds": timings,
+              "total_seconds": total}
     (work / "benefit.json").write_text(json.dumps(report, indent=2) + "\n")
     (work / "benefit.md").write_text(md)
     print("\n" + md)
