@@ -17,7 +17,7 @@ from alice_ds.data.cache import body_voxels, list_cases, open_case
 from alice_ds.data.landmarks import load_landmarks
 from alice_ds.data.phantom import ATLAS_FIXED_LANDMARKS
 from alice_ds.sam.crops import resample, sam_grid
-from alice_ds.sam.embed import embed_volume
+from alice_ds.sam.embed import BORDER, BORDER_KEY, embed_volume
 from alice_ds.sam.evaluate import evaluate
 from alice_ds.sam.geometry import index_to_world
 from alice_ds.sam.io import AUTO_KEEP, DEFAULT_BITS, REQUIRED_META, embedding_path, list_embeddings, open_embedding
@@ -79,12 +79,29 @@ def test_embed_is_idempotent_and_tiles_agree(phantom_cache, sam_checkpoint, sam_
     affine, shape = sam_grid(case.affine, case.shape, FINE_MM / 2)
     hu = resample(case.array, case.affine, affine, shape)[:96, :96, :64]
     model, _ = load_model(sam_checkpoint)
-    whole_f, whole_c = embed_volume(model, hu, tile=96, overlap=0)
-    fine, coarse = embed_volume(model, hu, tile=64, overlap=32)
+    whole_f, whole_c = embed_volume(model, hu, tile=96, overlap=0, border=0)
+    fine, coarse = embed_volume(model, hu, tile=64, overlap=32, border=0)
     cos_f = (fine.float() * whole_f.float()).sum(-1)
     cos_c = (coarse.float() * whole_c.float()).sum(-1)
     assert cos_f.median() > 0.999 and cos_f.quantile(0.01) > 0.95, cos_f.quantile(0.01)
     assert cos_c.median() > 0.99, cos_c.median()
+
+
+def test_border_is_the_replicated_faces_on_the_same_grid(sam_checkpoint):
+    """embed_volume(border=16) = the embedding of the volume with its faces repeated 16 voxels out
+    (numpy's edge padding), cut back to the volume's own fine and coarse voxels."""
+    model, _ = load_model(sam_checkpoint)
+    rng = np.random.default_rng(0)
+    hu = rng.normal(0, 300, (40, 36, 50)).astype(np.float32)  # odd shapes: ceil(n / stride) on each axis
+    fine, coarse = embed_volume(model, torch.from_numpy(hu), border=16)
+    big_f, big_c = embed_volume(model, torch.from_numpy(np.pad(hu, 16, mode="edge")), border=0)
+    assert fine.shape[:3] == (20, 18, 25) and coarse.shape[:3] == (3, 3, 4)
+    torch.testing.assert_close(fine, big_f[8:28, 8:26, 8:33], atol=0, rtol=0)
+    torch.testing.assert_close(coarse, big_c[1:4, 1:4, 1:5], atol=0, rtol=0)
+    plain, _ = embed_volume(model, torch.from_numpy(hu), border=0)  # air outside: other vectors at the faces
+    assert (plain.float() - fine.float()).abs()[0].max() > 1e-2
+    with pytest.raises(ValueError, match="multiple of the coarse stride 16, got 8"):
+        embed_volume(model, torch.from_numpy(hu), border=8)
 
 
 def test_self_match_real_embeddings(phantom_cache, sam_checkpoint, tmp_path):
@@ -287,6 +304,15 @@ def test_older_format_and_other_channels_are_re_embedded(phantom_cache, sam_chec
     assert main(args + ["--channels", "8", "--bits", "8"]) == 0  # other bits: every file again
     assert all(open_embedding(emb, c).bits == 8 for c in cases)
     assert all(embedding_path(emb, c).stat().st_mtime_ns != stamps[c] for c in cases)
+    assert open_embedding(emb, cases[0]).meta[BORDER_KEY] == str(BORDER) == "16"
+    path = embedding_path(emb, cases[1])  # a file embedded before the border: embedded again
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != BORDER_KEY}
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    stamps = {c: embedding_path(emb, c).stat().st_mtime_ns for c in cases}
+    assert main(args + ["--channels", "8", "--bits", "8"]) == 0
+    assert [embedding_path(emb, c).stat().st_mtime_ns != stamps[c] for c in cases[:2]] == [False, True]
+    assert open_embedding(emb, cases[1]).meta[BORDER_KEY] == "16"
     with pytest.raises(SystemExit) as e:  # argparse: a usage line and the error, exit 2
         main(args + ["--channels", "0"])
     assert e.value.code == 2

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from alice_ds.cli import COMMANDS, main
+
 SETUP_CFG = Path(__file__).resolve().parents[1] / "setup.cfg"
 
 
@@ -21,3 +23,15 @@ def test_pinned_range_is_bounded_and_holds_the_installed_version(name):
     spec = reqs[name].specifier
     assert any(s.operator in ("<", "<=", "==", "~=") for s in spec), f"{name}{spec}: no upper bound"
     assert spec.contains(version(name), prereleases=True), f"installed {name} {version(name)} is outside {spec}"
+
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_explains_itself(command, capsys):
+    """`alice-ds COMMAND --help` prints its options and exits 0 (argparse %-formats every help string:
+    a bare '%' in one crashes the whole page)."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: alice-ds {command}") and "--" in out

@@ -7,8 +7,10 @@ overlap is dropped at inner seams). Tiles start on multiples of the coarse strid
 coarse grids of all tiles line up exactly.
 The fine grid is stored as 4-bit (or `--bits 8`) codes of its top principal directions (`--channels`,
 by default as many as keep 99.9 % of the energy; `alice_ds.sam.io.compress_fine`).
-Existing files made by the same model with the same channels and bits are skipped (idempotent); files
-are written atomically.
+Each face of the volume is replicated `BORDER` voxels (32 mm) outwards before the network, so that a
+scan cut short is embedded near its faces as a longer scan of the same body is.
+Existing files made by the same model with the same channels, bits and border are skipped
+(idempotent); files are written atomically.
 Sharded like `preprocess` (`--shard I/N`, a SLURM array, or torchrun's ranks with one GPU each:
 `alice_ds.shards`); the shards' files together are one unsharded run's.
 """
@@ -42,6 +44,12 @@ only long scans are tiled (along z); smaller tiles recompute the overlaps (160: 
 224 on a 200^3 case)."""
 DEFAULT_OVERLAP = 64
 """Tile overlap in SAM-grid voxels: 32 voxels (64 mm) of context on each side of an inner seam."""
+BORDER = 16
+"""SAM-grid voxels (32 mm at 2 mm) by which each face of a volume is replicated outwards before the
+network. Without it, the network sees air where a scan is cut, so points near the faces of a smaller
+field of view get other embeddings than the same points in a larger scan (a CT matched into a crop of
+itself: p95 38.0 -> 15.7 mm; docs/experiments/2026-12-03-sam-embed-edge-padding.md). A multiple of
+the coarse stride, so that the fine and coarse grids stay aligned with the unpadded volume's."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="parallel processes, each embedding whole cases (CPU threads are shared out)")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE,
-                   help="tile edge in SAM-grid voxels (multiple of 32); lower it when memory is short")
+                   help="tile edge in SAM-grid voxels (multiple of 32; the replicated border adds "
+                        f"{2 * BORDER}); lower it when memory is short")
     p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
                    help="overlap between tiles in SAM-grid voxels (multiple of 32, < tile)")
     p.add_argument("--threads", type=int, default=1,
@@ -61,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=channels_arg, default=None, metavar="auto|K",
                    help="fine-grid channels stored per voxel as codes: the case's top principal "
                         f"directions of the {EMBED_DIM}-d embedding. 'auto' (default): as many as keep "
-                        f"{AUTO_KEEP:.1%} of its energy (16 for a width-0.125 SAMNet, 32 for 0.25); "
+                        f"{AUTO_KEEP * 100:.1f} %% of its energy (16 for a width-0.125 SAMNet, 32 for 0.25); "
                         f"K: exactly K ({EMBED_DIM} = all, only quantised)")
     p.add_argument("--bits", type=int, choices=CODE_BITS, default=DEFAULT_BITS,
                    help="bits per stored code: 4 (two channels per byte; 16 MB per full-size CT with a "
@@ -102,12 +111,24 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP):
+def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, border: int = BORDER):
     """SAM embeddings of a volume on the SAM grid, HU float [X, Y, Z] -> (fine fp16
-    [ceil(X/2), ..., 128], coarse fp16 [ceil(X/16), ..., 128]), channel-last, tile by tile."""
-
-
-
+    [ceil(X/2), ..., 128], coarse fp16 [ceil(X/16), ..., 128]), channel-last, tile by tile; the
+    volume's faces replicated `border` voxels out first (tiles `tile + 2 border` wide) and the outputs
+    of that margin dropped."""
+    if border % COARSE_STRIDE:
+        raise ValueError(f"border must be a multiple of the coarse stride {COARSE_STRIDE}, got {border}")
+    if border:
+        hu = torch.as_tensor(hu)
+        shape = tuple(hu.shape)
+        padded = torch.nn.functional.pad(hu[None, None].float(), [border] * 6, mode="replicate")[0, 0]
+        # tiles 2 b wider, so a volume that is one tile across stays one tile (as many tiles as unpadded)
+        fine, coarse = embed_volume(model, padded, tile + 2 * border, overlap, border=0)  # [X/2 + b, ...]
+        f, c = border // FINE_STRIDE, border // COARSE_STRIDE
+        return (fine[f:f + math.ceil(shape[0] / FINE_STRIDE), f:f + math.ceil(shape[1] / FINE_STRIDE),
+                     f:f + math.ceil(shape[2] / FINE_STRIDE)].clone(),
+                coarse[c:c + math.ceil(shape[0] / COARSE_STRIDE), c:c + math.ceil(shape[1] / COARSE_STRIDE),
+                       c:c + math.ceil(shape[2] / COARSE_STRIDE)].clone())
     shape = tuple(hu.shape)
     fine = torch.empty(*[math.ceil(s / FINE_STRIDE) for s in shape], EMBED_DIM, dtype=torch.float16)
     coarse = torch.empty(*[math.ceil(s / COARSE_STRIDE) for s in shape], EMBED_DIM, dtype=torch.float16)
@@ -138,35 +159,39 @@ def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVE
 
 def embed_case(model, model_id: str, cache_dir, case_id: str, embed_dir, tile: int, overlap: int,
                channels: int | None = None, bits: int = DEFAULT_BITS):
-    """Embed one cached case into `<embed_dir>/<case_id>.safetensors`."""
-
+    """Embed one cached case into `<embed_dir>/<case_id>.safetensors` (faces replicated `BORDER`
+    voxels out, which the file records)."""
     case = open_case(cache_dir, case_id)
     affine, shape = sam_grid(case.affine, case.shape, model.spacing_mm)
     hu = resample(case.array, case.affine, affine, shape)
-    fine, coarse = embed_volume(model, hu, tile, overlap)
+    fine, coarse = embed_volume(model, hu, tile, overlap, BORDER)
     write_embedding(embedding_path(embed_dir, case_id), fine, coarse,
                     scaled_affine(affine, [FINE_STRIDE] * 3), scaled_affine(affine, [COARSE_STRIDE] * 3),
-                    [FINE_STRIDE] * 3, [COARSE_STRIDE] * 3, model_id, case_id, channels, bits)
+                    [FINE_STRIDE] * 3, [COARSE_STRIDE] * 3, model_id, case_id, channels, bits,
+                    extra_meta={BORDER_KEY: str(BORDER)})
+
+
+BORDER_KEY = "border_voxels"
+"""File metadata: `BORDER` of the run that wrote it (absent: an older file, embedded without it)."""
 
 
 def _up_to_date(embed_dir, case_id: str, model_id: str, channels: int | None, bits: int) -> bool:
     """Whether the case's file exists, reads in this format and was made by this model with these
-    channels (any number with `channels` None: auto) and bits."""
+    channels (any number with `channels` None: auto), bits and border."""
     if not embedding_path(embed_dir, case_id).exists():
         return False
     try:
         ef = open_embedding(embed_dir, case_id)
     except DataError:  # a corrupt leftover or an older format is simply re-embedded
         return False
-    return ef.meta["model_id"] == model_id and channels in (None, ef.channels) and ef.bits == bits
+    return (ef.meta["model_id"] == model_id and channels in (None, ef.channels) and ef.bits == bits
+            and ef.meta.get(BORDER_KEY) == str(BORDER))
 
 
 _WORKER: dict = {}
 
 
 def _worker_init(checkpoint: str, device: str, threads: int, job: dict) -> None:
-
-
     torch.set_num_threads(threads)
     _WORKER["model"], _WORKER["model_id"] = load_model(checkpoint, device)
     _WORKER["job"] = job
@@ -184,9 +209,6 @@ def _worker_embed(case_id: str) -> tuple[str, float, float, float, int]:
 
 
 def run(args) -> int:
-
-
-
     if args.tile % TILE_ALIGN or args.tile < TILE_ALIGN:
         raise UserError(f"--tile must be a positive multiple of {TILE_ALIGN}, got {args.tile}")
     if args.overlap % TILE_ALIGN or not 0 <= args.overlap < args.tile:

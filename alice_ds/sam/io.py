@@ -169,12 +169,12 @@ def unpack_codes(stored: np.ndarray, bits: int, channels: int) -> np.ndarray:
 
 def write_embedding(path, fine: torch.Tensor, coarse: torch.Tensor, fine_affine, coarse_affine,
                     fine_stride, coarse_stride, model_id: str, case_id: str,
-                    channels: int | None = EMBED_DIM, bits: int = 8) -> Path:
+                    channels: int | None = EMBED_DIM, bits: int = 8, extra_meta: dict | None = None) -> Path:
     """Write one case atomically (temp file in the same directory, then rename), so a reader never
     sees a half-written file and an interrupted `embed` leaves no file that looks finished.
     fine [Xf, Yf, Zf, 128], coarse [Xc, Yc, Zc, 128]; the fine grid is stored as `channels` int8
     codes of `bits` bits (`compress_fine`, `pack_codes`; 128 = the identity basis, only quantised;
-    None = as many as keep AUTO_KEEP of the energy)."""
+    None = as many as keep AUTO_KEEP of the energy). `extra_meta`: more string metadata (how it was made)."""
     path = Path(path)
     for name, t in (("fine", fine), ("coarse", coarse)):
         if t.ndim != 4 or t.shape[-1] != EMBED_DIM:
@@ -187,6 +187,7 @@ def write_embedding(path, fine: torch.Tensor, coarse: torch.Tensor, fine_affine,
         "coarse_stride": json.dumps([int(s) for s in coarse_stride]),
         "model_id": model_id,
         "format_version": FORMAT_VERSION,
+        **(extra_meta or {}),
     }
     codes, basis, scale, kept = compress_fine(fine.detach().cpu(), channels, bits)
     meta["fine_kept"] = json.dumps(round(kept, 6))
