@@ -12,6 +12,7 @@ The cost: a process stays at its peak memory (plus fragmentation) until it exits
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 WORKER_MMAP_THRESHOLD = 256 * 2**20
@@ -21,6 +22,8 @@ COMPUTE_MMAP_THRESHOLD = 2**30
 """Bytes, processes that train or predict on the CPU: below 1 GiB, the attention matrices of a 64³
 SwinUNETR step (~350 MB) would still be mapped and unmapped at every step."""
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter ids (malloc.h)
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+"""Bytes: glibc's initial mmap and trim thresholds, set back by `release_freed_memory`."""
 _applied = 0
 """The largest threshold set in this process so far (0: none)."""
 
@@ -41,3 +44,29 @@ def keep_freed_memory(threshold: int = COMPUTE_MMAP_THRESHOLD) -> bool:
     if ok:
         _applied = threshold
     return ok
+
+
+def release_freed_memory() -> None:
+    """Undo `keep_freed_memory`: glibc's initial thresholds again, and the heap's free pages handed
+    back to the OS (`malloc_trim`). Without glibc, nothing to do."""
+    global _applied
+    if not _applied:
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+    libc.malloc_trim(0)
+    _applied = 0
+
+
+@contextlib.contextmanager
+def freed_memory_kept(threshold: int = COMPUTE_MMAP_THRESHOLD):
+    """`keep_freed_memory` for a block of work (a training run, an evaluation); on exit
+    `release_freed_memory`, so that a process that lives on (a notebook, a test session running many
+    fine-tunings) does not stay at the block's peak."""
+    kept = keep_freed_memory(threshold)
+    try:
+        yield kept
+    finally:
+        if kept:
+            release_freed_memory()

@@ -8,7 +8,13 @@ import sys
 
 import pytest
 
-from alice_ds.memory import COMPUTE_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD, keep_freed_memory
+from alice_ds.memory import (
+    COMPUTE_MMAP_THRESHOLD,
+    WORKER_MMAP_THRESHOLD,
+    freed_memory_kept,
+    keep_freed_memory,
+    release_freed_memory,
+)
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -18,7 +24,7 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 PROBE = """
 import ctypes, json, resource, sys
 import numpy as np
-from alice_ds.memory import keep_freed_memory
+from alice_ds.memory import keep_freed_memory, release_freed_memory
 
 libc = ctypes.CDLL("libc.so.6")
 class Info(ctypes.Structure):
@@ -36,7 +42,9 @@ def probe():
 
 default = probe()
 ok = keep_freed_memory(int(sys.argv[1]))
-print(json.dumps({"default": default, "ok": ok, "kept": probe()}))
+kept = probe()
+release_freed_memory()
+print(json.dumps({"default": default, "ok": ok, "kept": kept, "released": probe()}))
 """
 
 
@@ -50,12 +58,24 @@ def test_freed_memory_is_reused_without_page_faults():
     assert r["default"][0] >= size, r  # by default the array is a mapping of its own, unmapped on free
     assert r["kept"][0] < size // 64, r  # kept: it comes from the heap
     assert r["kept"][1] < 100, r  # and its pages, already mapped, fault no more (4 KiB pages: 16384)
+    assert r["released"][0] >= size, r  # released: a mapping of its own again, as by default
 
 
 def test_idempotent_and_the_larger_threshold_stays():
     if not GLIBC:
         assert keep_freed_memory(WORKER_MMAP_THRESHOLD) is False
         return
-    assert keep_freed_memory(WORKER_MMAP_THRESHOLD) is True
-    assert keep_freed_memory(COMPUTE_MMAP_THRESHOLD) is True
-    assert keep_freed_memory(WORKER_MMAP_THRESHOLD) is True
+    try:
+        assert keep_freed_memory(WORKER_MMAP_THRESHOLD) is True
+        assert keep_freed_memory(COMPUTE_MMAP_THRESHOLD) is True
+        assert keep_freed_memory(WORKER_MMAP_THRESHOLD) is True
+    finally:
+        release_freed_memory()  # the test session does not keep its peak memory
+
+
+def test_a_block_keeps_freed_memory_then_releases_it():
+    from alice_ds import memory
+
+    with freed_memory_kept() as kept:
+        assert kept is GLIBC and memory._applied == (COMPUTE_MMAP_THRESHOLD if GLIBC else 0)
+    assert memory._applied == 0

@@ -19,7 +19,7 @@ from alice_ds.engine.config import TrainConfig, resolve
 from alice_ds.engine.distenv import DistEnv, release_cpu_allreduce_buffer
 from alice_ds.engine.ds_config import resolve_ds_config
 from alice_ds.errors import DataError
-from alice_ds.memory import keep_freed_memory
+from alice_ds.memory import keep_freed_memory, release_freed_memory
 
 
 def on_cpu() -> bool:
@@ -62,5 +62,6 @@ def distributed(env: DistEnv):
             release_cpu_allreduce_buffer(env.rank)
         yield
     finally:
+        release_freed_memory()  # a process that lives on (a test, a notebook) does not stay at the run's peak
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

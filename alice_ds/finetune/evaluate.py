@@ -22,7 +22,6 @@ from alice_ds.files import atomic_write_text
 from alice_ds.finetune import checkpoint as ckpt
 from alice_ds.finetune.data import Preprocessing, base_transforms, select_cases, unwrap_transform_error
 from alice_ds.finetune.metrics import dice_per_class, hd95_per_class, nanmean, predict
-from alice_ds.memory import keep_freed_memory
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -39,8 +38,6 @@ def evaluate(checkpoint, data_dir, json_list, split: str = "validation", picture
     model = ckpt.build_model(cfg)
     model.load_state_dict(ckpt.read_weights(path))
     model.to(device).eval()
-    if device.type == "cpu":
-        keep_freed_memory()  # alice_ds.memory: the sliding windows' attention matrices reuse mapped pages
     cases = select_cases(json_list, data_dir, None, split)
     prep = Preprocessing(cfg.spacing, cfg.hu_window, cfg.preprocessing_source)
     ds = Dataset(cases, Compose(base_transforms(prep, cfg.classes, None)))  # one case in memory at a time
