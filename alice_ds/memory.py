@@ -7,7 +7,8 @@ page fault per 4 KiB, the kernel zeroing each page (system time), serialised bet
 the process. A SwinUNETR step at 64³ allocates window-attention matrices of ~350 MB; with freed
 memory kept, the heap reuses pages that are already mapped. Measured on the 2-core CPU (see
 benchmarks/README.md): fine-tuning step 5.2 -> 3.5 s, tiny Alice pretraining step 11.7 -> 9.5 s.
-The cost: a process stays at its peak memory (plus fragmentation) until it exits.
+The cost: a process stays at its peak memory (plus fragmentation) while the setting holds;
+`freed_memory_kept` sets it for a block of work and gives the memory back after it.
 """
 
 from __future__ import annotations

@@ -18,20 +18,20 @@ Stages, each cached in `--work_dir` (a rerun skips what is finished and resumes 
    same K and seed (paired: the seed moves both arms together), printed and written as JSON and
    markdown.
 
-Why this default size (it must fit about 90 minutes on a 2-core CPU; measured costs there: one tiny-
-preset Alice step ≈ 8 s per sample at 64³, one fine-tuning step with two 64³ crops of SwinUNETR F=12
-≈ 5 s). A from-scratch fine-tuning on 2 full-size phantoms with all 17 classes at 3 mm, 150 steps
-(~19 CPU-minutes) reached a mean Dice of only 0.08 (vertebrae 0.57, bowel 0.68, the rest ~0): too
-little signal to compare arms with the steps this budget allows. So the defaults ask an easier
-question with the same machinery: five large classes (liver, kidneys = left + right, spleen,
-vertebrae, bowel), small phantoms at 4 mm (close to their 3 x 3 x 4-6 mm voxels; one 64³ crop spans
-256 mm, most of an abdomen), 25 fine-tuning steps of 2 crops, 16 pretraining steps per variant.
-Estimate from those costs: 5 pretrainings x (16 x 16 s + ~1 min start and export) ≈ 26 min, 20
-fine-tunings x (25 x 5 s + ~1 min caching, start and validation) ≈ 62 min.
+Why this default size (it must fit 90 minutes on a 2-core CPU). A from-scratch fine-tuning on 2
+full-size phantoms with all 17 classes at 3 mm, 150 steps (~19 CPU-minutes) reached a mean Dice of
+only 0.08 (vertebrae 0.57, bowel 0.68, the rest ~0): too little signal to compare arms with the steps
+this budget allows. So the defaults ask an easier question with the same machinery: five large
+classes (liver, kidneys = left + right, spleen, vertebrae, bowel), small phantoms at 4 mm (close to
+their 3 x 3 x 4-6 mm voxels; one 64³ crop spans 256 mm, most of an abdomen), 25 fine-tuning steps of
+2 crops, 16 pretraining steps per variant. Measured there (2026-12-03, benchmarks/README.md): the
+whole default run 52.5 min; data 1.0 min, each pretraining + export 2.9-3.7 min, each fine-tuning
+1.5-1.9 min (one step of two 64³ crops ≈ 3.1 s).
 Sixteen Alice steps move the backbone only a little from its initialisation: a difference here says
-whether the pipeline transfers anything at CPU scale, not what Alice does at scale.
+whether the pipeline transfers anything at CPU scale, not what Alice does at scale (64 pretraining
+steps did not change that: docs/experiments/2026-12-03-pretrain-benefit-why.md).
 
-    python benchmarks/pretrain_benefit.py --work_dir work/benefit            # default size (~90 min, 2 cores)
+    python benchmarks/pretrain_benefit.py --work_dir work/benefit            # default size (~55 min, 2 cores)
     python benchmarks/pretrain_benefit.py --work_dir work/benefit_quick --quick   # every stage, minutes
 """
 
