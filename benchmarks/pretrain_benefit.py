@@ -158,11 +158,14 @@ def finetune(work: Path, data: dict, arm: str, weights: Path | None, k: int, see
     return json.loads(best.read_text())
 
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float], spec: str = ".3f") -> str:
+    """"mean ± sd" (the mean formatted with `spec`, the sd without its sign flag), the value alone for
+    one, "n/a" for none."""
     if not values:
         return "n/a"
     mean = statistics.fmean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+    return (f"{mean:{spec}} ± {statistics.stdev(values):{spec.lstrip('+')}}" if len(values) > 1
+            else f"{mean:{spec}}")
 
 
 def table(results: dict, ks: list[int], arms: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -183,15 +186,7 @@ def paired(results: dict, ks: list[int], arms: list[str]) -> tuple[list[str], li
                 if r["seed"] in base]
 
     header = ["arm - scratch"] + [f"K={k}" for k in ks]
-    rows = []
-    for arm in (a for a in arms if a != SCRATCH):
-        cells = []
-        for k in ks:
-            d = diffs(arm, k)
-            cells.append("n/a" if not d else f"{statistics.fmean(d):+.1f} ± {statistics.stdev(d):.1f}"
-                         if len(d) > 1 else f"{d[0]:+.1f}")
-        rows.append([arm] + cells)
-    return header, rows
+    return header, [[arm] + [_cell(diffs(arm, k), "+.1f") for k in ks] for arm in arms if arm != SCRATCH]
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -253,16 +248,16 @@ def main(argv=None) -> int:
     arms = ["alice", SCRATCH] + list(args.ablations)
     ks = sorted(set(args.ks) | ({ABLATION_K} if args.ablations else set()))
     header, rows = table(results, ks, arms)
+    paired_header, paired_rows = paired(results, ks, arms)
     md = (f"Mean validation Dice ({len(CLASSES)} classes, {args.val_cases} held-out phantoms) after "
           f"{args.finetune_steps} fine-tuning steps, mean ± sd over seeds {args.seeds}; pretraining "
           f"{args.pretrain_steps} steps (tiny preset); ablations at K={ABLATION_K} only.\n\n" + markdown(header, rows)
           + "\nPretrained minus scratch with the same K and seed, Dice points, mean ± sd over seeds:\n\n"
-          + markdown(*paired(results, ks, arms)))
+          + markdown(paired_header, paired_rows))
     total = time.perf_counter() - started
     report = {"settings": {k: v for k, v in vars(args).items()}, "classes": CLASSES, "results": results,
               "table": {"header": header, "rows": rows},
-              "paired": dict(zip(("header", "rows"), paired(results, ks, arms))), "seconds": timings,
-              "total_seconds": total}
+              "paired": {"header": paired_header, "rows": paired_rows}, "seconds": timings, "total_seconds": total}
     (work / "benefit.json").write_text(json.dumps(report, indent=2) + "\n")
     (work / "benefit.md").write_text(md)
     print("\n" + md)

@@ -19,7 +19,7 @@ from alice_ds.engine.config import TrainConfig, resolve
 from alice_ds.engine.distenv import DistEnv, release_cpu_allreduce_buffer
 from alice_ds.engine.ds_config import resolve_ds_config
 from alice_ds.errors import DataError
-from alice_ds.memory import keep_freed_memory, release_freed_memory
+from alice_ds.memory import freed_memory_kept
 
 
 def on_cpu() -> bool:
@@ -54,14 +54,15 @@ def distributed(env: DistEnv):
     that keeps freed memory, `alice_ds.memory`), the group's destruction on exit (NCCL warns at exit
     otherwise)."""
     deepspeed.init_distributed()
+    cpu = on_cpu()
     try:
-        if on_cpu():  # a world of one has a buffer too
-            keep_freed_memory()  # each step's large activations reuse mapped pages
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()  # every rank has mapped the others' shared-memory buffers
-            release_cpu_allreduce_buffer(env.rank)
-        yield
+        # on the CPU each step's large activations reuse mapped pages, given back when the run ends
+        with freed_memory_kept() if cpu else contextlib.nullcontext():
+            if cpu:  # a world of one has a buffer too
+                if torch.distributed.is_initialized():
+                    torch.distributed.barrier()  # every rank has mapped the others' shared-memory buffers
+                release_cpu_allreduce_buffer(env.rank)
+            yield
     finally:
-        release_freed_memory()  # a process that lives on (a test, a notebook) does not stay at the run's peak
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -124,11 +124,8 @@ def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVE
         padded = torch.nn.functional.pad(hu[None, None].float(), [border] * 6, mode="replicate")[0, 0]
         # tiles 2 b wider, so a volume that is one tile across stays one tile (as many tiles as unpadded)
         fine, coarse = embed_volume(model, padded, tile + 2 * border, overlap, border=0)  # [X/2 + b, ...]
-        f, c = border // FINE_STRIDE, border // COARSE_STRIDE
-        return (fine[f:f + math.ceil(shape[0] / FINE_STRIDE), f:f + math.ceil(shape[1] / FINE_STRIDE),
-                     f:f + math.ceil(shape[2] / FINE_STRIDE)].clone(),
-                coarse[c:c + math.ceil(shape[0] / COARSE_STRIDE), c:c + math.ceil(shape[1] / COARSE_STRIDE),
-                       c:c + math.ceil(shape[2] / COARSE_STRIDE)].clone())
+        return tuple(t[tuple(slice(border // stride, border // stride + math.ceil(n / stride)) for n in shape)].clone()
+                     for t, stride in ((fine, FINE_STRIDE), (coarse, COARSE_STRIDE)))
     shape = tuple(hu.shape)
     fine = torch.empty(*[math.ceil(s / FINE_STRIDE) for s in shape], EMBED_DIM, dtype=torch.float16)
     coarse = torch.empty(*[math.ceil(s / COARSE_STRIDE) for s in shape], EMBED_DIM, dtype=torch.float16)
