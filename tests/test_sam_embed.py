@@ -17,7 +17,7 @@ from alice_ds.data.cache import body_voxels, list_cases, open_case
 from alice_ds.data.landmarks import load_landmarks
 from alice_ds.data.phantom import ATLAS_FIXED_LANDMARKS
 from alice_ds.sam.crops import resample, sam_grid
-from alice_ds.sam.embed import BORDER, BORDER_KEY, embed_volume
+from alice_ds.sam.embed import BORDER, BORDER_KEY, FACES_KEY, cut_faces, embed_volume, faces_text
 from alice_ds.sam.evaluate import evaluate
 from alice_ds.sam.geometry import index_to_world
 from alice_ds.sam.io import AUTO_KEEP, DEFAULT_BITS, REQUIRED_META, embedding_path, list_embeddings, open_embedding
@@ -100,8 +100,24 @@ def test_border_is_the_replicated_faces_on_the_same_grid(sam_checkpoint):
     torch.testing.assert_close(coarse, big_c[1:4, 1:4, 1:5], atol=0, rtol=0)
     plain, _ = embed_volume(model, torch.from_numpy(hu), border=0)  # air outside: other vectors at the faces
     assert (plain.float() - fine.float()).abs()[0].max() > 1e-2
+    faces = np.array([[False, False], [False, False], [True, True]])  # z only: x and y as without a border
+    zf, zc = embed_volume(model, torch.from_numpy(hu), border=16, faces=faces)
+    big_f, big_c = embed_volume(model, torch.from_numpy(np.pad(hu, [(0, 0), (0, 0), (16, 16)], mode="edge")), border=0)
+    torch.testing.assert_close(zf, big_f[:, :, 8:33], atol=0, rtol=0)
+    torch.testing.assert_close(zc, big_c[:, :, 1:5], atol=0, rtol=0)
     with pytest.raises(ValueError, match="multiple of the coarse stride 16, got 8"):
         embed_volume(model, torch.from_numpy(hu), border=8)
+
+
+def test_cut_faces_are_the_faces_through_the_body():
+    """A body that fits in x and y and runs past both z faces is cut at z only; a crop of it at every
+    face it crosses; a stray voxel on a face does not count."""
+    hu = np.full((40, 40, 30), -1000.0, dtype=np.float32)
+    hu[8:32, 10:30, :] = 40.0  # the body: inside in x and y, through both z faces
+    hu[0, 0, 5] = 500.0  # one stray voxel on the low x face
+    assert cut_faces(hu).tolist() == [[False, False], [False, False], [True, True]]
+    assert cut_faces(hu[12:, :20]).tolist() == [[True, False], [False, True], [True, True]]
+    assert faces_text(cut_faces(hu[12:, :20])) == "x-y+z-z+" and faces_text(np.zeros((3, 2), bool)) == ""
 
 
 def test_self_match_real_embeddings(phantom_cache, sam_checkpoint, tmp_path):
@@ -305,9 +321,11 @@ def test_older_format_and_other_channels_are_re_embedded(phantom_cache, sam_chec
     assert all(open_embedding(emb, c).bits == 8 for c in cases)
     assert all(embedding_path(emb, c).stat().st_mtime_ns != stamps[c] for c in cases)
     assert open_embedding(emb, cases[0]).meta[BORDER_KEY] == str(BORDER) == "16"
-    path = embedding_path(emb, cases[1])  # a file embedded before the border: embedded again
+    # the phantoms run through both z faces; the bodies fit in x and y except case 1's (2 % of its low x face)
+    assert [open_embedding(emb, c).meta[FACES_KEY] for c in cases] == ["x-z-z+", "z-z+", "z-z+", "z-z+"]
+    path = embedding_path(emb, cases[1])  # a file of every face padded (no FACES_KEY): embedded again
     with safe_open(str(path), framework="pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != BORDER_KEY}
+        meta = {k: v for k, v in f.metadata().items() if k != FACES_KEY}
     save_file(load_file(str(path)), str(path), metadata=meta)
     stamps = {c: embedding_path(emb, c).stat().st_mtime_ns for c in cases}
     assert main(args + ["--channels", "8", "--bits", "8"]) == 0

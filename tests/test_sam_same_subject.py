@@ -37,14 +37,14 @@ def test_same_subject_copies(phantom_dir, phantom_cache, trained_sam, tmp_path):
     assert lps["global"]["all"]["n"] >= 60
     # the target for the LPS copy: median <= 3 mm, 95th percentile <= 6 mm
     assert lps["global"]["all"]["median_mm"] <= 3.0 and lps["global"]["all"]["p95_mm"] <= 6.0
-    # into the crop the target is not met near the crop's faces, where the network sees the crop's own faces
-    # repeated instead of the tissue beyond them (docs/experiments/2026-12-03-sam-embed-edge-padding.md); 16 mm
-    # inside, the median meets it
+    # into the crop: the faces that cut the body replicated 32 mm out before the network (embed.BORDER) and the
+    # global search's 32 mm template (DEFAULT_CONTEXT 8): median 2.7 mm, 87 % within 6 mm on this 120-step model
+    # (with the 16 mm template 2.9 mm and 77 %; with air at the faces as well 3.7 mm and 62 %). The p95 target
+    # (6 mm) is met by the held-out protocol's 700-step model (4.6 mm), not by this one (22 mm)
+    # (docs/experiments/2026-12-03-sam-embed-edge-padding.md)
     interior = crop["global"][f">= {sam_same_subject.INTERIOR_MM:g} mm inside the crop"]
     assert interior["n"] >= 30 and interior["median_mm"] <= 3.0
-    # faces replicated 32 mm out before the network (embed.BORDER): median 2.9 mm, 77 % within 6 mm on this
-    # model (with air at the faces 3.7 mm and 62 %)
-    assert crop["global"]["all"]["median_mm"] <= 3.5 and crop["global"]["all"]["within_6mm"] >= 0.7
+    assert crop["global"]["all"]["median_mm"] <= 3.0 and crop["global"]["all"]["within_6mm"] >= 0.82
     # the window search of the same embeddings is worse on both: the check can tell them apart
     assert lps["window"]["all"]["p95_mm"] > lps["global"]["all"]["p95_mm"]
     assert crop["window"]["all"]["median_mm"] > crop["global"]["all"]["median_mm"]
