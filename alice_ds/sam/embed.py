@@ -54,8 +54,9 @@ the coarse stride, so that the fine and coarse grids stay aligned with the unpad
 CUT_FACE_FRACTION = 0.002
 """A face of a volume cuts through the body (and is replicated outwards) when more than this share
 of its voxels is above BODY_HU: one stray voxel does not count. Only such faces are padded: a CT's
-body usually fits in its field of view in x and y, so padding z alone keeps the border's cost at
-about 1.2x the network time of an unpadded case instead of 1.6-1.9x."""
+body usually fits in its field of view in x and y, so padding z alone keeps the border's cost low:
+on the held-out phantoms 1.25x the network time of an unpadded case (+1.6 CPU-s) instead of 1.70x
+(+4.6) with every face (docs/experiments/2026-12-03-sam-embed-edge-padding.md)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
