@@ -61,11 +61,11 @@ def release_freed_memory() -> None:
 
 
 @contextlib.contextmanager
-def freed_memory_kept(threshold: int = COMPUTE_MMAP_THRESHOLD):
+def freed_memory_kept(enabled: bool = True, threshold: int = COMPUTE_MMAP_THRESHOLD):
     """`keep_freed_memory` for a block of work (a training run, an evaluation); on exit
     `release_freed_memory`, so that a process that lives on (a notebook, a test session running many
-    fine-tunings) does not stay at the block's peak."""
-    kept = keep_freed_memory(threshold)
+    fine-tunings) does not stay at the block's peak. `enabled` False: nothing (work on a GPU)."""
+    kept = enabled and keep_freed_memory(threshold)
     try:
         yield kept
     finally:

@@ -25,7 +25,6 @@ def test_pinned_range_is_bounded_and_holds_the_installed_version(name):
     assert spec.contains(version(name), prereleases=True), f"installed {name} {version(name)} is outside {spec}"
 
 
-
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_explains_itself(command, capsys):
     """`alice-ds COMMAND --help` prints its options and exits 0 (argparse %-formats every help string:

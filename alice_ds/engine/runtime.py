@@ -57,7 +57,7 @@ def distributed(env: DistEnv):
     cpu = on_cpu()
     try:
         # on the CPU each step's large activations reuse mapped pages, given back when the run ends
-        with freed_memory_kept() if cpu else contextlib.nullcontext():
+        with freed_memory_kept(enabled=cpu):
             if cpu:  # a world of one has a buffer too
                 if torch.distributed.is_initialized():
                     torch.distributed.barrier()  # every rank has mapped the others' shared-memory buffers

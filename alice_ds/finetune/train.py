@@ -11,7 +11,6 @@ Files: `alice_ds.finetune.checkpoint`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
@@ -154,7 +153,7 @@ def finetune(cfg: FinetuneConfig, data_dir, json_list, output_dir, resume: bool 
     """Train; returns the summary (`best_dice`, `best_step`, `step`, `loaded_tensors`). On the CPU
     with freed memory kept for the run (`alice_ds.memory`: each step's attention matrices reuse
     mapped pages, 1.5x faster steps)."""
-    with contextlib.nullcontext() if torch.cuda.is_available() else freed_memory_kept():
+    with freed_memory_kept(enabled=not torch.cuda.is_available()):
         return _finetune(cfg, data_dir, json_list, output_dir, resume)
 
 

@@ -173,6 +173,13 @@ def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVE
     return fine, coarse
 
 
+BORDER_KEY = "border_voxels"
+"""File metadata: `BORDER` of the run that wrote it (absent: an older file, embedded without it)."""
+FACES_KEY = "border_faces"
+"""File metadata: the faces replicated outwards, e.g. "z-z+" (`faces_text`; "" for none; absent: an
+older file, whose every face was padded)."""
+
+
 def embed_case(model, model_id: str, cache_dir, case_id: str, embed_dir, tile: int, overlap: int,
                channels: int | None = None, bits: int = DEFAULT_BITS):
     """Embed one cached case into `<embed_dir>/<case_id>.safetensors` (the faces that cut through the
@@ -186,13 +193,6 @@ def embed_case(model, model_id: str, cache_dir, case_id: str, embed_dir, tile: i
                     scaled_affine(affine, [FINE_STRIDE] * 3), scaled_affine(affine, [COARSE_STRIDE] * 3),
                     [FINE_STRIDE] * 3, [COARSE_STRIDE] * 3, model_id, case_id, channels, bits,
                     extra_meta={BORDER_KEY: str(BORDER), FACES_KEY: faces_text(faces)})
-
-
-BORDER_KEY = "border_voxels"
-"""File metadata: `BORDER` of the run that wrote it (absent: an older file, embedded without it)."""
-FACES_KEY = "border_faces"
-"""File metadata: the faces replicated outwards, e.g. "z-z+" (`faces_text`; "" for none; absent: an
-older file, whose every face was padded)."""
 
 
 def faces_text(faces: np.ndarray) -> str:
