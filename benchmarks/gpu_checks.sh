@@ -16,13 +16,17 @@
 #   kernels_fp32 benchmarks/kernels.py in fp32
 #   max_size     benchmarks/max_size.py: largest preset and batch per ZeRO stage with checkpointing and
 #                offload (not in the default list: up to 10 minutes more; ONLY=max_size runs it)
+#   sam_reference  `sam-train --recipe reference` at scale: $SAM_REF_CASES small phantoms (200; a
+#                tenth held out), width $SAM_REF_WIDTH (1.0), $SAM_REF_MINUTES minutes (5), then the
+#                held-out landmarks (sam-eval, global and coarse-only search) and the pair sampler's
+#                precision (not in the default list: about 9 minutes; ONLY=sam_reference runs it alone)
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR [SAM_CHECKPOINT]
 #
-# OUT_DIR receives log.txt and at most nine JSON/JSONL reports; scratch data goes to $WORK
-# (default /tmp/alice_gpu_checks). Each stage runs under its own time limit and a failing stage
-# does not stop the next; ONLY="train backbone" runs a subset. Without SAM_CHECKPOINT the data
-# stage trains a tiny SAM for 60 s first. Needs CUDA and the package with its dependencies.
+# OUT_DIR receives log.txt and at most nine JSON/JSONL reports (sam_reference: five more); scratch
+# data goes to $WORK (default /tmp/alice_gpu_checks). Each stage runs under its own time limit and a
+# failing stage does not stop the next; ONLY="train backbone" runs a subset. Without SAM_CHECKPOINT
+# the data stage trains a tiny SAM for 60 s first. Needs CUDA and the package with its dependencies.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR [SAM_CHECKPOINT]}
 SAM=${2:-}
@@ -96,8 +100,36 @@ embed_full() {
     --embed_dir "$WORK/embed_full" --force
 }
 
+sam_reference() {
+  local d=$WORK/sam_ref
+  [ -f "$d/phantoms/dataset.json" ] || $ALICE phantom "$d/phantoms" --num "${SAM_REF_CASES:-200}" --seed 1 --small
+  $ALICE datalist "$d/phantoms" -o "$d/datalist.json" --val_fraction 0.1
+  $ALICE preprocess --data_dir "$d/phantoms" --json_list "$d/datalist.json" --cache_dir "$d/cache" \
+    --spacing 2 2 2 --workers "$(nproc)"
+  $ALICE sam-train --recipe reference --cache_dir "$d/cache" --json_list "$d/datalist.json" \
+    --output_dir "$d/sam" --width "${SAM_REF_WIDTH:-1.0}" --hu_window -200 300 --max_minutes "${SAM_REF_MINUTES:-5}" \
+    --workers 8
+  rm -rf "$d/val" && mkdir -p "$d/val"  # the held-out cases' cache files, for embed and the sampler
+  python3 - "$d/datalist.json" "$d/cache" "$d/val" <<'EOF'
+import json, os, sys
+from pathlib import Path
+for item in json.load(open(sys.argv[1]))["validation"]:
+    stem = Path(item["image"]).name.split(".")[0]
+    for ext in (".npy", ".json"):
+        os.symlink(Path(sys.argv[2]).resolve() / (stem + ext), Path(sys.argv[3]) / (stem + ext))
+EOF
+  $ALICE embed --cache_dir "$d/val" --sam_checkpoint "$d/sam/sam.safetensors" --embed_dir "$d/embed" --force
+  cp "$d/sam/log.jsonl" "$OUT/sam_reference_log.jsonl"
+  for search in global coarse; do
+    $ALICE sam-eval --embed_dir "$d/embed" --landmarks "$d/phantoms/landmarks" --search $search \
+      --json "$OUT/sam_reference_$search.json"
+  done
+  python3 benchmarks/sampler.py --cache_dir "$d/val" --embed_dir "$d/embed" --landmarks "$d/phantoms/landmarks" \
+    --work_dir "$d/sampler" --json "$OUT/sam_reference_sampler.json"
+}
+
 export OUT SAM WORK STEPS PRESET ROI ALICE
-export -f info data train embed_full
+export -f info data train embed_full sam_reference
 stage info 60 info
 stage kernel_tests 180 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py
 stage kernels 180 python3 benchmarks/kernels.py --dtype bfloat16 --json "$OUT/kernels_bf16.json"
@@ -115,4 +147,5 @@ stage sampler 180 python3 benchmarks/sampler.py --num_cases 2 --pairs 8 --baseli
 stage kernels_fp32 180 python3 benchmarks/kernels.py --json "$OUT/kernels_fp32.json"
 stage max_size 600 python3 benchmarks/max_size.py --presets B L H --roi "$ROI" --zero 2 3 --bf16 --max_batch 16 \
   --timeout 120 --work_dir "$WORK/max_size" --json "$OUT/max_size.json"
+stage sam_reference 590 sam_reference
 echo "== done $(date -u +%FT%TZ)"

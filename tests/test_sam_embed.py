@@ -109,6 +109,26 @@ def test_border_is_the_replicated_faces_on_the_same_grid(sam_checkpoint):
         embed_volume(model, torch.from_numpy(hu), border=8)
 
 
+def test_reference_coarse_grid_is_8_mm_along_z():
+    """SAMNet(coarse_stride=(16, 16, 4)), the reference recipe's network: coarse voxels 32 mm
+    in-plane and 8 mm along z, the same fine grid; embed's border keeps both grids exact."""
+    from alice_ds.sam.network import SAMNet
+
+    torch.manual_seed(0)
+    model = SAMNet(width=0.125, coarse_stride=(16, 16, 4)).eval()
+    hu = torch.from_numpy(np.random.default_rng(0).normal(0, 300, (40, 36, 50)).astype(np.float32))
+    fine, coarse = embed_volume(model, hu, border=0)
+    assert fine.shape[:3] == (20, 18, 25) and coarse.shape[:3] == (3, 3, 13)
+    faces = np.array([[False, False], [False, False], [True, True]])
+    zf, zc = embed_volume(model, hu, border=16, faces=faces)
+    big_f, big_c = embed_volume(model, torch.from_numpy(np.pad(hu.numpy(), [(0, 0), (0, 0), (16, 16)],
+                                                               mode="edge")), border=0)
+    torch.testing.assert_close(zf, big_f[:, :, 8:33], atol=0, rtol=0)
+    torch.testing.assert_close(zc, big_c[:, :, 4:17], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="coarse_stride"):
+        SAMNet(width=0.125, coarse_stride=(16, 16, 2))
+
+
 def test_cut_faces_are_the_faces_through_the_body():
     """A body that fits in x and y and runs past both z faces is cut at z only; a crop of it at every
     face it crosses; a stray voxel on a face does not count."""

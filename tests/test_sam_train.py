@@ -4,15 +4,17 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from alice_ds.cli import main
 from alice_ds.data.cache import body_voxels, list_cases, open_case
-from alice_ds.sam.crops import View, positive_pairs, resample, view_affine, view_pair
-from alice_ds.sam.geometry import index_to_world, sample_channels_first
+from alice_ds.sam.crops import View, positive_pairs, reference_pair, resample, view_affine, view_pair
+from alice_ds.sam.geometry import index_to_world, sample_channels_first, world_to_index
 from alice_ds.sam.loss import sam_loss
 from alice_ds.sam.network import SAMNet, scale_hu
+from alice_ds.sam.recipe import RECIPES
 from alice_ds.sam.train import StepViews
 
 ROI = 32
@@ -144,7 +146,7 @@ def test_sam_train_cli_checkpoints_and_exact_resume(phantom_cache, sam_checkpoin
     cfg = json.loads((src / "checkpoints" / "step_1" / "state.json").read_text())["settings"]
     assert main(["sam-train", "--cache_dir", str(phantom_cache), "--output_dir", str(out),
                  "--steps", str(cfg["steps"]), "--save_every", "1", "--batch_size", str(cfg["batch_size"]),
-                 "--roi", str(cfg["roi"]), "--width", str(cfg["width"]), "--spacing", str(cfg["spacing"]),
+                 "--roi", *map(str, cfg["roi"]), "--width", str(cfg["width"]), "--spacing", str(cfg["spacing"]),
                  "--resume"]) == 0
     want, got = load_file(str(sam_checkpoint)), load_file(str(out / "sam.safetensors"))
     assert want.keys() == got.keys()
@@ -193,3 +195,108 @@ def test_hu_window_is_a_model_setting(phantom_cache, tmp_path, capsys):
     assert main(args + ["--steps", "2", "--resume"]) == 2  # default window vs the checkpoint's
     assert "--hu_window" in capsys.readouterr().err
     assert main(args + ["--hu_window", "300", "-200"]) == 2
+
+
+SLAB = (48, 48, 32)
+"""Reference-recipe views in the tests: 192 x 192 x 128 mm at 4 mm."""
+
+
+def test_reference_pairs_are_slabs_around_a_shared_point(phantom_cache):
+    case = open_case(phantom_cache, list_cases(phantom_cache)[1])
+    rng = np.random.default_rng(5)
+    for _ in range(8):
+        v1, v2 = reference_pair(case.array, case.affine, SLAB, rng, disjoint=False, spacing_mm=SPACING)
+        assert v1.hu.shape == v2.hu.shape == SLAB
+        # the seed point is inside both views: they share voxels at the same world point
+        assert len(positive_pairs(v1, v2, tuple(s // 2 for s in SLAB), 100, rng)[0]) > 0
+    d1, d2 = reference_pair(case.array, case.affine, SLAB, rng, disjoint=True, spacing_mm=SPACING)
+    assert d1.hu.shape == SLAB and not np.allclose(d1.affine[:3, 3], d2.affine[:3, 3], atol=1.0)
+
+
+def test_reference_coarse_rule_and_disjoint_pairs(phantom_cache):
+    """Every embedding equal, so each InfoNCE term is log(1 + number of negatives). Reference rule:
+    the pair's own 16 coarse voxels but those < 5 mm from the query (at most one per view at >= 51 mm
+    spacing) plus the other case's 16; the 'far' rule only has the same case's voxels beyond 64 mm.
+    A pair of views that do not overlap counts under the reference rule (each query its own
+    positive, 500 fine negatives from view 2) and is skipped under ours."""
+    import math
+
+    cases = [open_case(phantom_cache, c) for c in list_cases(phantom_cache)[:2]]
+    rng = np.random.default_rng(0)
+    pairs = [view_pair(c.array, c.affine, ROI, rng, spacing_mm=SPACING) for c in cases]
+    c = ROI // 16
+    fine = torch.ones(4, 128, ROI // 2, ROI // 2, ROI // 2) / math.sqrt(128)
+    coarse = torch.ones(4, 128, c, c, c) / math.sqrt(128)
+    ref = sam_loss(fine, coarse, pairs, np.random.default_rng(1), [0, 1], coarse_rule="reference")
+    ours = sam_loss(fine, coarse, pairs, np.random.default_rng(1), [0, 1])
+    assert math.log(31) - 1e-4 <= float(ref["coarse"]) <= math.log(33) + 1e-4, ref
+    assert float(ours["coarse"]) <= math.log(17) + 1e-4
+    assert abs(float(ref["fine"]) - math.log(501)) < 1e-3  # 500 hardest candidates, none too close
+
+    body = body_voxels(cases[0].array)
+    low, high = (index_to_world(cases[0].affine, body[[i]])[0]
+                 for i in (np.argmin(body[:, 2]), np.argmax(body[:, 2])))
+    assert high[2] - low[2] > ROI * SPACING * 1.2 + 10  # the two views cannot overlap
+    apart = tuple(View(resample(cases[0].array, cases[0].affine, a, (ROI,) * 3), a)
+                  for a in (view_affine(cases[0].affine, p, ROI, SPACING * 1.2) for p in (low, high)))
+    alone = sam_loss(fine[:2], coarse[:2], [apart], np.random.default_rng(1), [0], coarse_rule="reference")
+    assert abs(float(alone["fine"]) - math.log(501)) < 1e-3
+    assert math.log(16) - 1e-4 <= float(alone["coarse"]) <= math.log(17) + 1e-4  # own 16 but < 5 mm
+    with pytest.raises(RuntimeError, match="overlaps"):
+        sam_loss(fine[:2], coarse[:2], [apart], np.random.default_rng(1), [0])
+
+
+def test_recipe_learning_rates():
+    ref, ours = RECIPES["reference"], RECIPES["default"]
+    assert ref.lr_at(0, 20000, 0.02) == pytest.approx(0.02 / 500)
+    assert ref.lr_at(499, 20000, 0.02) == ref.lr_at(15000, 20000, 0.02) == pytest.approx(0.02)
+    assert ref.lr_at(4, 100, 0.02) == pytest.approx(0.01)  # a short run warms up over a tenth
+    assert ours.lr_at(0, 100, 1e-3) == pytest.approx(1e-3) and ours.lr_at(100, 100, 1e-3) == pytest.approx(0)
+    assert ours.lr_at(50, 100, 1e-3) == pytest.approx(5e-4)
+
+
+def test_sam_train_reference_recipe_resumes_exactly(phantom_cache, tmp_path, capsys):
+    """`--recipe reference`: slab views, SGD with momentum (its buffers are checkpointed: a resume
+    from step 1 reproduces step 2), the recipe recorded and checked on resume."""
+    out = tmp_path / "ref"
+    args = ["sam-train", "--recipe", "reference", "--cache_dir", str(phantom_cache), "--steps", "2",
+            "--save_every", "1", "--batch_size", "2", "--roi", *map(str, SLAB), "--width", str(WIDTH),
+            "--spacing", str(SPACING), "--workers", "0"]
+    assert main(args + ["--output_dir", str(out)]) == 0
+    state = json.loads((out / "checkpoints" / "step_1" / "state.json").read_text())["settings"]
+    assert state["recipe"] == "reference" and state["roi"] == list(SLAB) and state["lr"] == 0.02
+    assert any(k.endswith("momentum_buffer") for k in load_file(str(out / "checkpoints" / "step_1" /
+                                                                   "optimizer.safetensors")))
+    import shutil
+
+    again = tmp_path / "again"
+    shutil.copytree(out / "checkpoints" / "step_1", again / "checkpoints" / "step_1")
+    (again / "checkpoints" / "latest").write_text("step_1")
+    assert main(args + ["--output_dir", str(again), "--resume"]) == 0
+    want, got = load_file(str(out / "sam.safetensors")), load_file(str(again / "sam.safetensors"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    # its 8 mm coarse grid along z goes into the model, the files, and the matcher reads them
+    from alice_ds.sam.io import open_embedding
+    from alice_ds.sam.matcher import Matcher
+    from alice_ds.sam.train import load_model
+
+    assert load_model(out / "sam.safetensors")[0].coarse_stride == (16, 16, 4)
+    emb = tmp_path / "emb"
+    assert main(["embed", "--cache_dir", str(phantom_cache), "--sam_checkpoint", str(out / "sam.safetensors"),
+                 "--embed_dir", str(emb), "--channels", "128", "--bits", "8"]) == 0
+    case_id = list_cases(phantom_cache)[0]
+    ef = open_embedding(emb, case_id)
+    assert ef.coarse_stride == (16, 16, 4) and ef.fine_stride == (2, 2, 2)
+    np.testing.assert_allclose(np.linalg.norm(ef.coarse_affine[:3, :3], axis=0), [64, 64, 16])  # mm at 4 mm
+    body = body_voxels(open_case(phantom_cache, case_id).array)
+    fine_ijk = np.rint(world_to_index(ef.fine_affine, index_to_world(open_case(phantom_cache, case_id).affine,
+                                                                      body[::max(1, len(body) // 20)])))
+    pts = index_to_world(ef.fine_affine, np.clip(fine_ijk, 0, np.asarray(ef.fine_shape) - 1))
+    for search in ("global", "window"):
+        matched, scores = Matcher(emb, refine=False, search=search).match(case_id, case_id, pts)
+        assert scores.min() > 0.99 and np.median(np.abs(matched - pts).max(1)) == 0, (search, scores)
+    capsys.readouterr()
+    default = [a for a in args if a not in ("--recipe", "reference")]
+    assert main(default + ["--output_dir", str(again), "--steps", "3", "--resume"]) == 2
+    assert "--recipe" in capsys.readouterr().err

@@ -32,6 +32,17 @@ INTENSITY_SHIFT_HU = 40.0
 MAX_SHIFT_FRACTION = 0.35
 """Centre of view 2 = centre of view 1 + up to this fraction of the view edge per axis: overlap stays
 at least 30% per axis."""
+SEED_REACH = 0.4
+"""Reference pairs: each view's centre lies within this fraction of its nominal edge of the shared
+seed point, per axis, so the seed is inside both views at any zoom of SCALE_RANGE (0.8 x 0.5)."""
+
+
+def view_shape(size) -> tuple[int, int, int]:
+    """A view's shape (X, Y, Z) from one edge (a cube) or three."""
+    shape = (int(size),) * 3 if np.ndim(size) == 0 else tuple(int(s) for s in size)
+    if len(shape) != 3:
+        raise ValueError(f"a view size is one edge or three, got {size}")
+    return shape
 
 
 def unit_axes(affine) -> np.ndarray:
@@ -52,12 +63,13 @@ def sam_grid(affine, shape, spacing_mm: float = SAM_SPACING_MM) -> tuple[np.ndar
     return out, out_shape
 
 
-def view_affine(case_affine, center_mm, size: int, spacing_mm: float) -> np.ndarray:
-    """Affine of a cubic view of `size` voxels at `spacing_mm`, centred on `center_mm`, with the
-    cache's axes."""
+def view_affine(case_affine, center_mm, size, spacing_mm: float) -> np.ndarray:
+    """Affine of a view of `size` voxels (an edge, or (X, Y, Z)) at `spacing_mm`, centred on
+    `center_mm`, with the cache's axes."""
     out = np.eye(4)
     out[:3, :3] = unit_axes(case_affine) * spacing_mm
-    out[:3, 3] = np.asarray(center_mm, dtype=np.float64) - out[:3, :3] @ np.full(3, (size - 1) / 2)
+    half = (np.asarray(view_shape(size), dtype=np.float64) - 1) / 2
+    out[:3, 3] = np.asarray(center_mm, dtype=np.float64) - out[:3, :3] @ half
     return out
 
 
@@ -123,7 +135,7 @@ def gaussian_blur(vol: torch.Tensor, sigma: float) -> torch.Tensor:
 
 @dataclass
 class View:
-    """One augmented crop: HU volume [R, R, R] and its voxel -> world affine."""
+    """One augmented crop: HU volume [X, Y, Z] and its voxel -> world affine."""
 
     hu: torch.Tensor
     affine: np.ndarray
@@ -139,13 +151,14 @@ def body_points(body: np.ndarray, affine, rng: np.random.Generator, n: int) -> n
     return index_to_world(affine, pick + rng.uniform(0, BODY_STRIDE, size=(n, 3)))
 
 
-def augmented_view(array, affine, center_mm, size: int, rng: np.random.Generator,
+def augmented_view(array, affine, center_mm, size, rng: np.random.Generator,
                    spacing_mm: float = SAM_SPACING_MM, intensity: bool = False) -> View:
-    """A view of `size`^3 voxels at `spacing_mm` x U(SCALE_RANGE), blurred and noised (HU);
-    `intensity`: also a random linear HU transform (INTENSITY_SCALE, INTENSITY_SHIFT_HU)."""
+    """A view of `size` voxels (an edge, or (X, Y, Z)) at `spacing_mm` x U(SCALE_RANGE), blurred
+    and noised (HU); `intensity`: also a random linear HU transform (INTENSITY_SCALE,
+    INTENSITY_SHIFT_HU)."""
     scale = rng.uniform(*SCALE_RANGE)
     aff = view_affine(affine, center_mm, size, spacing_mm * scale)
-    hu = resample(array, affine, aff, (size,) * 3)
+    hu = resample(array, affine, aff, view_shape(size))
     hu = gaussian_blur(hu, rng.uniform(0, MAX_BLUR_VOXELS))
     noise = torch.from_numpy(rng.standard_normal(hu.shape).astype(np.float32))
     hu = hu + noise * rng.uniform(0, MAX_NOISE_HU)
@@ -155,13 +168,32 @@ def augmented_view(array, affine, center_mm, size: int, rng: np.random.Generator
     return View(hu, aff)
 
 
-def view_pair(array, affine, size: int, rng: np.random.Generator, body: np.ndarray | None = None,
+def view_pair(array, affine, size, rng: np.random.Generator, body: np.ndarray | None = None,
               spacing_mm: float = SAM_SPACING_MM, intensity: bool = False) -> tuple[View, View]:
     """Two overlapping augmented views of one case around a random body point (`body`: the case's
-    body_voxels, computed here when not given)."""
+    body_voxels, computed here when not given). View 2 is shifted from view 1 by up to
+    MAX_SHIFT_FRACTION of the edge per axis."""
     c1 = body_points(body if body is not None else body_voxels(array), affine, rng, 1)[0]
-    extent = size * spacing_mm
-    c2 = c1 + unit_axes(affine) @ rng.uniform(-MAX_SHIFT_FRACTION, MAX_SHIFT_FRACTION, 3) * extent
+    extent = np.asarray(view_shape(size)) * spacing_mm  # [3] mm
+    c2 = c1 + unit_axes(affine) @ (rng.uniform(-MAX_SHIFT_FRACTION, MAX_SHIFT_FRACTION, 3) * extent)
+    return (augmented_view(array, affine, c1, size, rng, spacing_mm, intensity),
+            augmented_view(array, affine, c2, size, rng, spacing_mm, intensity))
+
+
+def reference_pair(array, affine, size, rng: np.random.Generator, disjoint: bool,
+                   body: np.ndarray | None = None, spacing_mm: float = SAM_SPACING_MM,
+                   intensity: bool = False) -> tuple[View, View]:
+    """The reference SAM's view pair: both views contain one random body point (each centre within
+    SEED_REACH of the edge of it, independently, so the overlap ranges from most of a view down to
+    a sliver), or with `disjoint` two views around independent body points, which may not overlap
+    at all (the loss then treats each query as its own positive)."""
+    body = body if body is not None else body_voxels(array)
+    extent = np.asarray(view_shape(size)) * spacing_mm  # [3] mm
+    if disjoint:
+        c1, c2 = body_points(body, affine, rng, 2)
+    else:
+        seed = body_points(body, affine, rng, 1)[0]
+        c1, c2 = (seed + unit_axes(affine) @ (rng.uniform(-SEED_REACH, SEED_REACH, 3) * extent) for _ in range(2))
     return (augmented_view(array, affine, c1, size, rng, spacing_mm, intensity),
             augmented_view(array, affine, c2, size, rng, spacing_mm, intensity))
 

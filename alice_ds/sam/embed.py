@@ -129,11 +129,12 @@ def cut_faces(hu) -> np.ndarray:
 def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, border: int = BORDER,
                  faces: np.ndarray | None = None):
     """SAM embeddings of a volume on the SAM grid, HU float [X, Y, Z] -> (fine fp16
-    [ceil(X/2), ..., 128], coarse fp16 [ceil(X/16), ..., 128]), channel-last, tile by tile. The faces
-    `faces` (bool [3, 2], default: every face) are replicated `border` voxels out first (tiles
-    `tile + 2 border` wide) and the outputs of that margin dropped."""
+    [ceil(X/2), ..., 128], coarse fp16 [ceil(X/s_x), ..., 128] for the model's coarse_stride s),
+    channel-last, tile by tile. The faces `faces` (bool [3, 2], default: every face) are replicated
+    `border` voxels out first (tiles `tile + 2 border` wide) and the outputs of that margin dropped."""
     if border % COARSE_STRIDE:
         raise ValueError(f"border must be a multiple of the coarse stride {COARSE_STRIDE}, got {border}")
+    strides = ((FINE_STRIDE,) * 3, model.coarse_stride)  # (fine, coarse), per axis
     pad = border * (np.ones((3, 2), dtype=np.int64) if faces is None else np.asarray(faces, dtype=np.int64))
     if pad.any():
         hu = torch.as_tensor(hu)
@@ -142,12 +143,12 @@ def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVE
                                          mode="replicate")[0, 0]
         # tiles 2 b wider, so a volume that is one tile across stays one tile (as many tiles as unpadded)
         fine, coarse = embed_volume(model, padded, tile + 2 * border, overlap, border=0)  # [X/2 + b, ...]
-        return tuple(t[tuple(slice(lo // stride, lo // stride + math.ceil(n / stride))
-                             for lo, n in zip(pad[:, 0], shape))].clone()
-                     for t, stride in ((fine, FINE_STRIDE), (coarse, COARSE_STRIDE)))
+        return tuple(t[tuple(slice(lo // s, lo // s + math.ceil(n / s))
+                             for lo, n, s in zip(pad[:, 0], shape, stride))].clone()
+                     for t, stride in zip((fine, coarse), strides))
     shape = tuple(hu.shape)
-    fine = torch.empty(*[math.ceil(s / FINE_STRIDE) for s in shape], EMBED_DIM, dtype=torch.float16)
-    coarse = torch.empty(*[math.ceil(s / COARSE_STRIDE) for s in shape], EMBED_DIM, dtype=torch.float16)
+    fine, coarse = (torch.empty(*[math.ceil(n / s) for n, s in zip(shape, stride)], EMBED_DIM, dtype=torch.float16)
+                    for stride in strides)
     device = next(model.parameters()).device
     starts = [tile_starts(s, tile, overlap) for s in shape]
     half = overlap // 2
@@ -163,10 +164,10 @@ def embed_volume(model, hu, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVE
                     # owned interior of this tile in SAM-grid voxels: drop half the overlap at inner seams
                     own_lo = [s + half if s > 0 else 0 for s in lo]
                     own_hi = [h - half if h < n else n for h, n in zip(hi, shape)]
-                    for out, t, stride in ((fine, f, FINE_STRIDE), (coarse, c, COARSE_STRIDE)):
-                        a = [ol // stride for ol in own_lo]
-                        b = [math.ceil(oh / stride) for oh in own_hi]
-                        o = [s // stride for s in lo]
+                    for out, t, stride in zip((fine, coarse), (f, c), strides):
+                        a = [ol // s for ol, s in zip(own_lo, stride)]
+                        b = [math.ceil(oh / s) for oh, s in zip(own_hi, stride)]
+                        o = [st // s for st, s in zip(lo, stride)]
                         out[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = t[0].permute(1, 2, 3, 0)[  # [C,x,y,z] -> [x,y,z,C]
                             a[0] - o[0]:b[0] - o[0], a[1] - o[1]:b[1] - o[1], a[2] - o[2]:b[2] - o[2]
                         ].to(torch.float16).cpu()
@@ -190,8 +191,8 @@ def embed_case(model, model_id: str, cache_dir, case_id: str, embed_dir, tile: i
     faces = cut_faces(hu)
     fine, coarse = embed_volume(model, hu, tile, overlap, BORDER, faces)
     write_embedding(embedding_path(embed_dir, case_id), fine, coarse,
-                    scaled_affine(affine, [FINE_STRIDE] * 3), scaled_affine(affine, [COARSE_STRIDE] * 3),
-                    [FINE_STRIDE] * 3, [COARSE_STRIDE] * 3, model_id, case_id, channels, bits,
+                    scaled_affine(affine, [FINE_STRIDE] * 3), scaled_affine(affine, model.coarse_stride),
+                    [FINE_STRIDE] * 3, model.coarse_stride, model_id, case_id, channels, bits,
                     extra_meta={BORDER_KEY: str(BORDER), FACES_KEY: faces_text(faces)})
 
 
