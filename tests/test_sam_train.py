@@ -297,6 +297,8 @@ def test_sam_train_reference_recipe_resumes_exactly(phantom_cache, tmp_path, cap
         matched, scores = Matcher(emb, refine=False, search=search).match(case_id, case_id, pts)
         assert scores.min() > 0.99 and np.median(np.abs(matched - pts).max(1)) == 0, (search, scores)
     capsys.readouterr()
+    assert main(args + ["--output_dir", str(tmp_path / "x"), "--cross_case_negatives"]) == 2
+    assert "--cross_case_negatives" in capsys.readouterr().err
     default = [a for a in args if a not in ("--recipe", "reference")]
     assert main(default + ["--output_dir", str(again), "--steps", "3", "--resume"]) == 2
     assert "--recipe" in capsys.readouterr().err

@@ -34,7 +34,8 @@ MAX_SHIFT_FRACTION = 0.35
 at least 30% per axis."""
 SEED_REACH = 0.4
 """Reference pairs: each view's centre lies within this fraction of its nominal edge of the shared
-seed point, per axis, so the seed is inside both views at any zoom of SCALE_RANGE (0.8 x 0.5)."""
+seed point, per axis, so the seed is inside both views (to within half a voxel) at any zoom of
+SCALE_RANGE (0.8 x 0.5)."""
 
 
 def view_shape(size) -> tuple[int, int, int]:

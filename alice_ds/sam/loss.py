@@ -143,8 +143,8 @@ def _reference_coarse_negatives(qc: torch.Tensor, world: np.ndarray, b: int, coa
     sim = (qc @ coarse_all[own].T).masked_fill(torch.from_numpy(close).to(qc.device), -float("inf"))
     with torch.no_grad():
         hard = sim.topk(min(REFERENCE_COARSE_HARD, sim.shape[1]), dim=1).indices  # [P, H]
-    keep = torch.from_numpy(rng.permutation(hard.shape[1])[:REFERENCE_COARSE_KEPT]).to(qc.device)
-    negs = [sim.gather(1, hard[:, keep])]
+    keep = torch.from_numpy(rng.random(hard.shape).argsort(1)[:, :REFERENCE_COARSE_KEPT]).to(qc.device)
+    negs = [sim.gather(1, hard.gather(1, keep))]  # a random KEPT of each query's hardest
     others = np.flatnonzero(other_case)
     if len(others):
         pick = torch.from_numpy(rng.permutation(others)[:REFERENCE_COARSE_OTHERS]).to(qc.device)

@@ -12,8 +12,10 @@ SAM's (`configs/sam/sam_NIHLN.py` and `sam/models/frameworks/sam.py` of the offi
 
 `reference` also has the reference's coarse grid: 32 mm in-plane, 8 mm along z (SAMNet
 coarse_stride (16, 16, 4)); `default` keeps 32 mm on every axis. Not reproduced: the reference's fine
-loss (negatives from both views, 20 mm ignore radius, symmetric) and its ImageNet initialisation;
-its HU mapping ([-1024, 3071]) is `--hu_window -1024 3071`.
+loss (negatives from both views, 20 mm ignore radius, symmetric); its coarse loss's queries (every
+coarse voxel of both views, the positive the nearest coarse voxel of the other view within 25 mm and
+|dz| < 6-8 mm; ours: the coarse embedding at the fine positives, the positive interpolated at the same
+world point); its ImageNet initialisation; its HU mapping ([-1024, 3071]) is `--hu_window -1024 3071`.
 """
 
 from __future__ import annotations

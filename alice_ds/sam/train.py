@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cases per step (--pairs_per_case view pairs each; default: the recipe's)")
     p.add_argument("--pairs_per_case", type=int, default=None,
                    help="view pairs per case and step at independent random body points; the far "
-                        "coarse voxels of a case's other views are its coarse negatives (default: 1)")
+                        "coarse voxels of a case's other views are its coarse negatives (default recipe; "
+                        "the reference recipe uses only the pair's own views and other cases; default: 1)")
     p.add_argument("--cross_case_negatives", action="store_true",
                    help="default recipe: also use every coarse voxel of the other cases of the batch as "
                         "coarse negatives (the reference recipe always samples 1000 of them; measured "
@@ -250,6 +251,9 @@ def run(args) -> int:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.cross_case_negatives and recipe.coarse_rule == "reference":
+        raise UserError("--cross_case_negatives is part of --recipe reference already (1000 voxels of the "
+                        "other cases); use it with the default recipe")
     if args.temperature <= 0 or args.lr <= 0:
         raise UserError(f"--temperature and --lr must be > 0, got {args.temperature} and {args.lr}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
