@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("alice_ds.data.preprocess", "resample CTs to RAS + fixed spacing into a memory-mapped int16 cache"),
     "sam-train": ("alice_ds.sam.train", "self-supervised training of the SAM anatomical embedding network"),
     "embed": ("alice_ds.sam.embed", "write SAM fine/coarse embeddings (safetensors) for every cached case"),
+    "sam-levels": ("alice_ds.sam.levels", "estimate each case's body level from SAM matches: the pair sampler's prior"),
     "match": ("alice_ds.sam.match_cli", "match a world-mm point of one case into another with SAM embeddings"),
     "sam-eval": ("alice_ds.sam.evaluate", "landmark matching accuracy of SAM embeddings across cases"),
     "convert": ("alice_ds.export.converter", "convert a ZeRO checkpoint into MONAI SwinUNETR weights (safetensors)"),

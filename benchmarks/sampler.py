@@ -249,18 +249,24 @@ def anatomy_mix(cache, embed, raw: Path, cfg, calls: int, seed: int) -> dict:
             for rule, got in found.items()}
 
 
-def precision_table(cache, embed, landmarks, common: dict, cycles, samples: int, seed: int) -> dict:
+def precision_table(cache, embed, landmarks, common: dict, cycles, samples: int, seed: int, priors=()) -> dict:
     """Pair precision (alice_ds.sampler.precision: anchor centre within 20 mm of the true
     correspondence, phantoms only), acceptance and pairs per CPU-second without augmentation, for
-    each cycle-check radius in `cycles` (0: none), over the first `samples` samples of one rank's
-    stream -> {f"cycle {r} mm": report}."""
+    each cycle-check radius in `cycles` (0: none) without the level prior, then for each level-prior
+    radius in `priors` (only when the embedding folder has a levels file), over the first `samples`
+    samples of one rank's stream -> {f"cycle {r} mm" | f"level prior {r} mm": report}."""
     from alice_ds.data.cache import list_cases
+    from alice_ds.sam.levels import LEVELS_FILE
     from alice_ds.sampler import PairDataset, SamplerConfig
     from alice_ds.sampler.precision import PRECISION_RADIUS_MM, pair_errors_mm, phantom_subjects, precision_report
 
     subjects, out = phantom_subjects(landmarks, list_cases(cache)), {}
-    for radius in cycles:
-        cfg = SamplerConfig(**common, rotation=0.0, noise_std=0.0, cycle_mm=float(radius))
+    rows = [(f"cycle {r:g} mm" if r else "no cycle check", {"cycle_mm": float(r), "level_prior_mm": 0.0})
+            for r in cycles]
+    if (Path(embed) / LEVELS_FILE).exists():
+        rows += [(f"level prior {r:g} mm", {"level_prior_mm": float(r)}) for r in priors]
+    for name, rule in rows:
+        cfg = SamplerConfig(**common, rotation=0.0, noise_std=0.0, **rule)
         ds = PairDataset(cache, embed, cfg, seed=seed, rank=0, world_size=1)
         it = iter(ds)
         for _ in range(min(len(ds.cases), samples)):  # warm-up: body lists and coarse grids
@@ -276,7 +282,7 @@ def precision_table(cache, embed, landmarks, common: dict, cycles, samples: int,
                    "sample_acceptance": kinds.get("inter", 0) / len(matched) if matched else None,
                    "kinds": {k: kinds.get(k, 0) for k in ("inter", "best", "intra")},
                    "best_fallback_precision": float(np.mean(best <= PRECISION_RADIUS_MM)) if len(best) else None}
-        out[f"cycle {radius:g} mm" if radius else "no cycle check"] = report
+        out[name] = report
     return out
 
 
@@ -326,6 +332,9 @@ def main(argv=None) -> int:
                     help="samples per row of the precision table (0: skip it)")
     ap.add_argument("--cycle_mm", type=float, nargs="+", default=[0.0, 16.0],
                     help="cycle-check radii of the precision table's rows (0: no cycle check)")
+    ap.add_argument("--level_prior_mm", type=float, nargs="*", default=[SamplerConfig.level_prior_mm],
+                    help="level-prior radii of the precision table's rows, used when --embed_dir has a levels "
+                         "file (alice-ds sam-levels)")
     ap.add_argument("--score_threshold", type=float, default=SamplerConfig.score_threshold,
                     help="acceptance threshold for both samplers; oracle embeddings score ~1 at a true "
                          "match, so a higher threshold mimics the lower acceptance of a learned SAM")
@@ -434,7 +443,8 @@ def main(argv=None) -> int:
         console.print(f"on {cuda_aug['device']}: {report['device_augment_cuda_ms_per_pair']:.3f} ms per pair "
                       f"(batch {args.device_batch} already on the GPU)")
     if args.precision_samples:
-        prec = precision_table(cache, embed, landmarks, common, args.cycle_mm, args.precision_samples, args.seed)
+        prec = precision_table(cache, embed, landmarks, common, args.cycle_mm, args.precision_samples, args.seed,
+                               args.level_prior_mm)
         report["precision"] = prec
         console.print(table(f"pair precision: accepted pairs with the anchor within 20 mm of the true "
                             f"correspondence, {args.precision_samples} samples, no augmentation",

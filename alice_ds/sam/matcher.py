@@ -131,13 +131,15 @@ class Matcher:
         qc = sample_channels_last(coarse, cijk)
         return F.normalize(qf, dim=1), F.normalize(qc, dim=1)
 
-    def match(self, query_case: str, key_case: str, points_mm) -> tuple[np.ndarray, np.ndarray]:
+    def match(self, query_case: str, key_case: str, points_mm, centres_mm=None) -> tuple[np.ndarray, np.ndarray]:
         """Match world points [P, 3] of `query_case` into `key_case`.
 
         Returns (matched_mm [P, 3] float64, scores [P] float32 = the combined similarity at the best
         fine voxel, in [-1, 1]; with search="coarse": coarse-voxel centres and the coarse cosine).
         The match is the best fine voxel's centre moved by `subvoxel_offsets` (at most half a voxel
-        per axis) unless the matcher was built with `refine=False`."""
+        per axis) unless the matcher was built with `refine=False`. `centres_mm` [P, 3] (window
+        search only): one fine window per point centred there (a prior, `levels.LevelPrior`) instead
+        of the windows of the coarse candidates."""
         pts = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
         if len(pts) == 0:
             return np.zeros((0, 3)), np.zeros(0, dtype=np.float32)
@@ -149,8 +151,15 @@ class Matcher:
             best_c = np.stack(np.unravel_index(sim_c.numpy().argmax(1), cshape), axis=1)  # [P, 3] (NumPy's
             # argmax: 0.03 ms vs torch's 0.4 ms for [32, 15k] on one core)
             return index_to_world(ef.coarse_affine, best_c), sim_c.numpy().max(1)
-        if self.search == "window":
+        if centres_mm is not None:
+            if self.search != "window":
+                raise ValueError(f"centres_mm needs search='window', not {self.search!r}")
+            centres = np.rint(world_to_index(ef.fine_affine, np.asarray(centres_mm, dtype=np.float64)
+                                             .reshape(-1, 3)))[:, None]  # [P, 1, 3] fine indices
+        elif self.search == "window":
             cands = coarse_candidates(sim_c.numpy(), cshape, self.candidates)  # [P, K, 3]
+            centres = np.rint(world_to_index(ef.fine_affine, index_to_world(ef.coarse_affine, cands.reshape(-1, 3))
+                                             )).reshape(cands.shape)  # [P, K, 3] fine indices
         sim_c = sim_c.view(len(pts), 1, *cshape)  # [P, Nc] -> [P, 1, Xc, Yc, Zc]
         if self.search == "global":
             steps = context_steps(self.context)  # [T, 3] fine voxels of the key
@@ -164,9 +173,8 @@ class Matcher:
         for s in range(0, len(pts), chunk):
             sl = slice(s, s + chunk)
             if self.search == "window":  # every candidate's window in one pass; the first best wins
-                k = cands.shape[1]
-                centre = np.rint(world_to_index(ef.fine_affine,
-                                                index_to_world(ef.coarse_affine, cands[sl].reshape(-1, 3))))
+                k = centres.shape[1]
+                centre = centres[sl].reshape(-1, 3)
                 mk, sk = self._fine_search(ef, sim_c[sl].repeat_interleave(k, 0), centre,
                                            qk[sl].repeat_interleave(k, 0))  # [p * k, 3] fine indices, [p * k]
                 pick = sk.reshape(-1, k).argmax(1)  # [p]
