@@ -11,7 +11,7 @@ from alice_ds.data.phantom import ATLAS_FIXED_LANDMARKS, corresponding_points
 from alice_ds.sam.io import embedding_path
 from alice_ds.sam.oracle import write_atlas_oracle_embedding
 from alice_ds.sampler import PairDataset, SamplerConfig
-from alice_ds.sampler.dataset import CYCLE_CHUNK
+from alice_ds.sampler.accept import CYCLE_CHUNK
 from alice_ds.sampler.precision import pair_errors_mm, phantom_subjects, precision_report
 
 FAST = dict(roi=32, rotation=0.0, noise_std=0.0)

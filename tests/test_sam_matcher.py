@@ -233,6 +233,38 @@ def test_global_self_match_and_bad_search(embed_dir):
         Matcher(embed_dir, search="everywhere")
 
 
+def test_global_search_on_every_second_voxel(embed_dir):
+    """grid_step 2 scores only the even fine voxels: matches across grids land within one 8 mm step
+    of the full search's (the sub-voxel step then runs on the full grid), and every even voxel of A
+    finds itself."""
+    ef = open_embedding(embed_dir, "A_0000")
+    rng = np.random.default_rng(5)
+    pts = index_to_world(ef.fine_affine, rng.integers(4, 28, size=(20, 3)) + rng.random((20, 3)))
+    full, _ = Matcher(embed_dir, search="global").match("A_0000", "B_0000", pts)
+    coarse, _ = Matcher(embed_dir, search="global", grid_step=2).match("A_0000", "B_0000", pts)
+    assert np.abs(coarse - full).max() <= 2 * FINE_MM * np.sqrt(3) + 1e-6
+    assert np.median(np.linalg.norm(coarse - pts, axis=1)) <= FINE_MM  # the field is the same in B
+    even = index_to_world(ef.fine_affine, 2 * rng.integers(2, 14, size=(20, 3)))
+    matched, _ = Matcher(embed_dir, search="global", grid_step=2).match("A_0000", "A_0000", even)
+    np.testing.assert_allclose(matched, even, atol=0.05)
+    with pytest.raises(ValueError, match="divide context"):
+        Matcher(embed_dir, search="global", grid_step=3)  # context 8
+
+
+def test_window_search_around_given_centres(embed_dir):
+    """centres_mm replaces the coarse candidates: a window on the right place finds the point, a window
+    far from it cannot."""
+    ef = open_embedding(embed_dir, "A_0000")
+    pts = index_to_world(ef.fine_affine, np.random.default_rng(6).integers(8, 24, size=(10, 3)))
+    m = Matcher(embed_dir, window=8, search="window")
+    near, _ = m.match("A_0000", "B_0000", pts, centres_mm=pts + 6.0)
+    assert np.linalg.norm(near - pts, axis=1).max() <= 2.0
+    far, _ = m.match("A_0000", "B_0000", pts, centres_mm=pts + [0.0, 0.0, 60.0])
+    assert np.linalg.norm(far - pts, axis=1).min() >= 60.0 - 16.0 * np.sqrt(3) - 1e-6
+    with pytest.raises(ValueError, match="centres_mm needs search='window'"):
+        Matcher(embed_dir, search="global").match("A_0000", "B_0000", pts, centres_mm=pts)
+
+
 def test_coarse_candidates_order_and_suppression():
     """Descending similarity; a voxel within one coarse voxel (Chebyshev) of a taken one is skipped;
     a point whose pool runs out of free voxels repeats its last candidate."""

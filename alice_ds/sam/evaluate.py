@@ -26,7 +26,8 @@ from alice_ds.errors import UserError
 from alice_ds.sam import DEFAULT_CANDIDATES, DEFAULT_CONTEXT, DEFAULT_WINDOW
 from alice_ds.sam.io import list_embeddings
 from alice_ds.sam.levels import LEVELS_FILE, PRIOR_WINDOW, LevelPrior
-from alice_ds.sam.matcher import Matcher, add_matcher_arguments
+from alice_ds.sam.match_cli import add_matcher_arguments
+from alice_ds.sam.matcher import Matcher
 
 WITHIN_MM = 10.0
 GROSS_MM = 50.0

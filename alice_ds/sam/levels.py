@@ -48,6 +48,9 @@ PRIOR_WINDOW = 8
 """Fine voxels (32 mm) of the window searched around a level prior's point (the pair sampler's
 `match_window`, and `sam-eval --cache_dir`): on the held-out phantoms landmarks land within 10 mm for
 70.7 % with 8 and 51.0 % with 20 (docs/experiments/2026-12-03-sam-body-levels.md)."""
+GRID_STEP = 2
+"""The vote's global search scores every GRID_STEP-th fine voxel along each axis (`Matcher(grid_step=)`):
+8 mm instead of 4, an eighth of the voxels; the level needs a few mm, not the last one."""
 DEFAULT_POINTS = 24
 DEFAULT_PARTNERS = 4
 BODY_POINT_HU = -300.0
@@ -121,7 +124,7 @@ def solve_offsets(cases: list[str], shifts: dict[tuple[str, str], float]) -> dic
 
 
 def estimate_levels(cache_dir, embed_dir, points: int = DEFAULT_POINTS, partners: int = DEFAULT_PARTNERS,
-                    seed: int = 0, on_pair=None) -> dict:
+                    seed: int = 0, on_pair=None, grid_step: int = GRID_STEP) -> dict:
     """Measure the shifts of the chosen pairs (resuming from EDGES_FILE), solve the offsets and
     write LEVELS_FILE -> its content."""
     from alice_ds.sam.matcher import Matcher
@@ -136,11 +139,11 @@ def estimate_levels(cache_dir, embed_dir, points: int = DEFAULT_POINTS, partners
         for line in edges_path.read_text().splitlines():
             try:
                 e = json.loads(line)
-                if e["points"] == points and e["seed"] == seed:
+                if e["points"] == points and e["seed"] == seed and e.get("grid_step", 1) == grid_step:
                     shifts[e["a"], e["b"]] = e["shift_mm"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut by an interrupted run: measured again
-    matcher = Matcher(embed_dir, search="global")
+    matcher = Matcher(embed_dir, search="global", grid_step=grid_step)
     with edges_path.open("a") as log:
         for a, b in partner_pairs(cases, partners, seed):
             for q, k in ((a, b), (b, a)):
@@ -155,11 +158,11 @@ def estimate_levels(cache_dir, embed_dir, points: int = DEFAULT_POINTS, partners
                 shift, votes = vote_shift(matcher, q, k, pts)
                 shifts[q, k] = shift
                 log.write(json.dumps({"a": q, "b": k, "shift_mm": shift, "votes": votes,
-                                      "points": points, "seed": seed}) + "\n")
+                                      "points": points, "seed": seed, "grid_step": grid_step}) + "\n")
                 log.flush()
             if on_pair is not None:
                 on_pair()
-    doc = {"format": LEVELS_FORMAT, "points": points, "partners": partners, "seed": seed,
+    doc = {"format": LEVELS_FORMAT, "points": points, "partners": partners, "seed": seed, "grid_step": grid_step,
            "cases": solve_offsets(cases, {k: v for k, v in shifts.items() if v is not None})}
     tmp = Path(embed_dir) / f".{LEVELS_FILE}.tmp"
     tmp.write_text(json.dumps(doc, indent=1))
@@ -237,16 +240,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="body points per case pair and direction that vote on the pair's z shift")
     p.add_argument("--partners", type=positive_int, default=DEFAULT_PARTNERS,
                    help="case pairs measured per case (random partners; every pair when there are few cases)")
+    p.add_argument("--grid_step", type=positive_int, default=GRID_STEP,
+                   help="the vote's global search scores every N-th fine voxel along each axis (1: all of them)")
     p.add_argument("--seed", type=int, default=0, help="seed of the partners and points")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads (on a shared or small CPU, 1 avoids threads waiting for each other)")
 
 
 def run(args) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
     cases = sorted(set(list_embeddings(args.embed_dir)) & set(list_cases(args.cache_dir)))
     total = len(partner_pairs(cases, args.partners, args.seed)) if len(cases) >= 2 else 0
     with progress(unit="pairs") as bar:
         task = bar.add_task("sam-levels", total=total)
         doc = estimate_levels(args.cache_dir, args.embed_dir, args.points, args.partners, args.seed,
-                              on_pair=lambda: bar.advance(task))
+                              on_pair=lambda: bar.advance(task), grid_step=args.grid_step)
     comps: dict[int, int] = {}
     for v in doc["cases"].values():
         comps[v["component"]] = comps.get(v["component"], 0) + 1

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from alice_ds.args import non_negative_int, positive_int
 from alice_ds.files import atomic_write_text
-from alice_ds.sam.matcher import add_matcher_arguments, matcher_from_args
+from alice_ds.sam import DEFAULT_CANDIDATES, DEFAULT_CONTEXT, DEFAULT_WINDOW, SEARCH_MODES
+from alice_ds.sam.matcher import Matcher
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,3 +39,28 @@ def run(args) -> int:
     if args.json:
         atomic_write_text(Path(args.json), doc + "\n")
     return 0
+
+
+def add_matcher_arguments(p: argparse.ArgumentParser, window_default: int | None = DEFAULT_WINDOW) -> None:
+    """`--window`, `--candidates`, `--context`, `--search`: the flags that build a `Matcher`
+    (`matcher_from_args`)."""
+    p.add_argument("--window", type=positive_int, default=window_default,
+                   help="fine-search window edge in fine voxels around each coarse candidate")
+    p.add_argument("--candidates", type=positive_int, default=DEFAULT_CANDIDATES,
+                   help="window search: fine windows around this many best coarse voxels (kept at least "
+                        "two coarse voxels apart); the best (fine + coarse) / 2 among them wins; 1 = the "
+                        "coarse argmax alone (the reference SAM searches globally: --search global)")
+    p.add_argument("--context", type=non_negative_int, default=DEFAULT_CONTEXT,
+                   help="global search: compare the point and its six neighbours this many fine voxels "
+                        "away with the key's at the same offsets (0: the point's vector alone)")
+    p.add_argument("--search", choices=SEARCH_MODES, default="global",
+                   help="'global': (fine + coarse) / 2 at every fine voxel of the key case, the fine term "
+                        "over the --context template (the reference SAM's search; seconds per case pair); "
+                        "'window': fine search around the best coarse voxels only (as the pair sampler "
+                        "matches: milliseconds, but lost when the coarse half points elsewhere); 'coarse': "
+                        "the coarse argmax alone (where the coarse half points)")
+
+
+def matcher_from_args(embed_dir, args: argparse.Namespace) -> Matcher:
+    return Matcher(embed_dir, window=args.window, search=args.search, candidates=args.candidates,
+                   context=args.context)

@@ -37,7 +37,6 @@ voxels: ~15k of them ≈ 1.3-1.8 ms); window 20 (`DEFAULT_WINDOW`) ≈ 44 ms on 
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from collections import OrderedDict
 
@@ -45,7 +44,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alice_ds.args import non_negative_int, positive_int
 from alice_ds.sam import DEFAULT_CANDIDATES, DEFAULT_CONTEXT, DEFAULT_WINDOW, SEARCH_MODES
 from alice_ds.sam.geometry import index_to_world, normalized_grid, sample_channels_last, world_to_index
 from alice_ds.sam.io import EmbeddingFile, open_embedding
@@ -75,7 +73,7 @@ class Matcher:
 
     def __init__(self, embed_dir, window: int = DEFAULT_WINDOW, cache_size: int = DEFAULT_CACHE,
                  search: str = "window", candidates: int = DEFAULT_CANDIDATES, refine: bool = True,
-                 context: int = DEFAULT_CONTEXT):
+                 context: int = DEFAULT_CONTEXT, grid_step: int = 1):
         if search not in SEARCH_MODES:
             raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
         if window < 1:
@@ -93,6 +91,9 @@ class Matcher:
         if context < 0:
             raise ValueError(f"context must be >= 0 fine voxels (0: no template), got {context}")
         self.context = int(context)
+        if grid_step < 1 or self.context % grid_step:
+            raise ValueError(f"grid_step must be >= 1 and divide context={self.context}, got {grid_step}")
+        self.grid_step = int(grid_step)
         self._cache: OrderedDict[str, tuple[EmbeddingFile, torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def _load(self, case_id: str) -> tuple[EmbeddingFile, torch.Tensor, torch.Tensor]:
@@ -180,8 +181,12 @@ class Matcher:
                 pick = sk.reshape(-1, k).argmax(1)  # [p]
                 rows = np.arange(len(pick))
                 m, sc = mk.reshape(-1, k, 3)[rows, pick], sk.reshape(-1, k)[rows, pick]
-            else:
+            elif self.grid_step == 1:
                 m, sc = self._global_search(ef, kcoarse, qft[sl], qc[sl], steps)
+            else:  # every grid_step-th fine voxel along each axis; the template's offsets stay on that grid
+                m, sc = self._global_search(StridedFine(ef, self.grid_step), kcoarse, qft[sl], qc[sl],
+                                            steps // self.grid_step)
+                m = m * self.grid_step
             offset = subvoxel_offsets(ef, m, qk[sl].numpy()) if self.refine else 0.0
             matched.append(index_to_world(ef.fine_affine, m + offset))
             scores.append(sc)
@@ -289,6 +294,28 @@ class Matcher:
         return best, score.numpy()
 
 
+class StridedFine:
+    """Every `step`-th fine voxel of an embedding file along each axis, with what `_global_search`
+    reads of a file: a coarser fine grid (8 mm at step 2) for a global search that needs to find the
+    body level, not the last mm, at an eighth of the voxels."""
+
+    def __init__(self, ef: EmbeddingFile, step: int):
+        self.ef, self.step = ef, int(step)
+        self.fine_shape = tuple(-(-n // self.step) for n in ef.fine_shape)
+        self.channels = ef.channels
+        self.coarse_affine = ef.coarse_affine
+        self.fine_affine = ef.fine_affine @ np.diag([self.step] * 3 + [1.0])  # strided index -> world mm
+        self._norm = ef.norm_map()[::self.step, ::self.step, ::self.step]
+
+    def fine_codes(self, index: slice) -> np.ndarray:
+        """Codes of the strided x-planes `index` (a slice without step), all y and z: int8 [x, y, z, K]."""
+        s = self.step
+        return self.ef.fine_codes(np.s_[index.start * s:index.stop * s:s, ::s, ::s])
+
+    def norm_map(self) -> np.ndarray:
+        return self._norm
+
+
 def linear_weights(pos: torch.Tensor, size: int) -> torch.Tensor:
     """Linear interpolation along one axis as weights: positions [P, w] in voxels of an axis of `size`
     voxels, clamped to [0, size - 1] -> [P, w, size] (two non-zeros per row)."""
@@ -362,28 +389,3 @@ def _as_tensor(mapped: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(mapped)
-
-
-def add_matcher_arguments(p: argparse.ArgumentParser, window_default: int | None = DEFAULT_WINDOW) -> None:
-    """`--window`, `--candidates`, `--context`, `--search`: the flags that build a `Matcher`
-    (`matcher_from_args`)."""
-    p.add_argument("--window", type=positive_int, default=window_default,
-                   help="fine-search window edge in fine voxels around each coarse candidate")
-    p.add_argument("--candidates", type=positive_int, default=DEFAULT_CANDIDATES,
-                   help="window search: fine windows around this many best coarse voxels (kept at least "
-                        "two coarse voxels apart); the best (fine + coarse) / 2 among them wins; 1 = the "
-                        "coarse argmax alone (the reference SAM searches globally: --search global)")
-    p.add_argument("--context", type=non_negative_int, default=DEFAULT_CONTEXT,
-                   help="global search: compare the point and its six neighbours this many fine voxels "
-                        "away with the key's at the same offsets (0: the point's vector alone)")
-    p.add_argument("--search", choices=SEARCH_MODES, default="global",
-                   help="'global': (fine + coarse) / 2 at every fine voxel of the key case, the fine term "
-                        "over the --context template (the reference SAM's search; seconds per case pair); "
-                        "'window': fine search around the best coarse voxels only (as the pair sampler "
-                        "matches: milliseconds, but lost when the coarse half points elsewhere); 'coarse': "
-                        "the coarse argmax alone (where the coarse half points)")
-
-
-def matcher_from_args(embed_dir, args: argparse.Namespace) -> Matcher:
-    return Matcher(embed_dir, window=args.window, search=args.search, candidates=args.candidates,
-                   context=args.context)

@@ -56,13 +56,13 @@ class SamplerConfig:
     off. It costs one more matcher call per sample. On phantoms it took the pairs whose anchor lies
     within 20 mm of the true correspondence from 71 to 92-96 % with a right coarse half, and from 11
     to 22-25 % with today's learned one (docs/experiments/2026-12-02-sam-matching-and-pair-precision.md)."""
-    level_prior_mm: float = 10.0
+    level_prior_mm: float = 8.0
     """With a levels file in the embedding folder (`alice-ds sam-levels`), for case pairs it connects:
     each candidate is searched in one fine window around its prior point (the body level from the
     cases' offsets, x and y from the body outline) and passes only when its match lies within this
     many mm of it; the cycle check is not needed there. 0 ignores the file. On the held-out phantoms
-    (docs/experiments/2026-12-03-sam-body-levels.md) it took pair precision from 23-26 % (cycle check)
-    to about 90 %."""
+    pair precision went from 30 % (cycle check, 70 % of calls accepted) to 92-96 % at 38-43 % with 8
+    and 91-92 % at 54-56 % with 10 (docs/experiments/2026-12-03-sam-body-levels.md)."""
     match_window: int = 8
     """Edge of the matcher's fine-search window in fine voxels (4 mm each): 32 mm. The matcher's
     own default (`alice_ds.sam.DEFAULT_WINDOW`) is wider, for landmark accuracy; here the window's

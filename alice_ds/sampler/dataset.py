@@ -3,9 +3,10 @@
 For a query case A (this rank's shard of the epoch) `num_candidates` points are drawn inside A's
 body and matched into a random partner case B != A with ONE `Matcher.match` call; one candidate is
 drawn uniformly among those whose score (mean of fine and coarse cosine) reaches the threshold and
-whose match maps back near it (`cycle_mm`): a crop around it in A is the *query* view, a crop around
-its match in B the *anchor* view. When none passes, new partners and candidates are tried
-(`max_retries`), then the `fallback` decides (an intra pair, or the best match anyway; counted).
+that pass `alice_ds.sampler.accept` (the level prior where `sam-levels` connects A and B, else the
+cycle check): a crop around it in A is the *query* view, around its match in B the *anchor* view.
+When none passes, new partners and candidates are tried (`max_retries`), then the `fallback` decides
+(an intra pair, or the best match anyway; counted).
 `pairing` `random` / `intra` and `embed_dir=None` are the ablations without SAM. Views are augmented
 in the worker or, with `augment_on="device"`, the worker ships the drawn parameters and
 `apply_device_augment` applies them on the training device.
@@ -35,6 +36,7 @@ from alice_ds.errors import UserError
 from alice_ds.memory import WORKER_MMAP_THRESHOLD, keep_freed_memory
 from alice_ds.sam.levels import LevelPrior
 from alice_ds.sam.matcher import Matcher
+from alice_ds.sampler.accept import first_consistent, match_at_prior
 from alice_ds.sampler.augment import ViewAugment, aug_key
 from alice_ds.sampler.cases import usable_cases
 from alice_ds.sampler.config import RETRY_CALLS, SamplerConfig
@@ -42,9 +44,6 @@ from alice_ds.sampler.masks import block_mask
 from alice_ds.views import VIEWS
 
 COUNTERS = ("samples", "inter", "best", "intra", "random", "fallback_intra", "fallback_best", "matcher_calls")
-CYCLE_CHUNK = 8
-"""Passing candidates matched back per call by the cycle check (any chunk picks the same one): with
-int8 x 16 learned embeddings of the held-out phantoms 88-90 pairs/CPU-s against 79-80 with 2."""
 OPEN_CASES = 64
 """Cached volumes kept open (memory maps) per process; a map holds a file descriptor."""
 
@@ -206,14 +205,14 @@ class PairDataset(IterableDataset):
 
     def _match(self, case_a: str, case_b: str, points: np.ndarray, rng: np.random.Generator, index: int,
                tries: int) -> tuple[dict | None, tuple | None]:
-        """One matcher call (and the cycle check's calls back): (the inter sample of a candidate drawn
-        uniformly among those at or above the threshold that map back, None), or (None, (score,
-        case_b, point, match) of the best-scoring candidate) when none passes both."""
+        """One matcher call (and the cycle check's calls back): (the inter sample of a candidate drawn uniformly
+        among those that pass, None), or (None, (score, case_b, point, match) of the best-scoring one)."""
         if self._levels is not None and self._levels.connects(case_a, case_b):
             return self._match_with_prior(case_a, case_b, points, rng, index, tries)
         matched, scores = self.matcher.match(case_a, case_b, points)
         passing = np.flatnonzero(scores >= self.config.score_threshold)
-        i = self._first_consistent(case_a, case_b, points, matched, rng.permutation(passing))
+        i = first_consistent(self.matcher, case_a, case_b, points, matched, rng.permutation(passing),
+                             self.config.cycle_mm)
         if i is None:
             i = int(np.argmax(scores))
             return None, (float(scores[i]), case_b, points[i], matched[i])
@@ -221,44 +220,18 @@ class PairDataset(IterableDataset):
 
     def _match_with_prior(self, case_a: str, case_b: str, points: np.ndarray, rng: np.random.Generator,
                           index: int, tries: int) -> tuple[dict | None, tuple | None]:
-        """`_match` for cases the levels connect: each candidate is searched in one fine window around
-        its prior point in B (`LevelPrior.map_points`) and passes when its score reaches the threshold
-        and its match lies within `level_prior_mm` of the prior point; candidates whose level lies
-        outside B have no counterpart there and never pass. No cycle check (measured: the prior alone
-        gives the precision at a higher acceptance)."""
-        prior = self._levels.map_points(self._case(case_a), self._case(case_b), points)  # [K, 3], NaN: none
-        known = np.flatnonzero(~np.isnan(prior).any(1))
-        if len(known) == 0:  # no candidate at a level B shows: the plain match only for the fallback
-            matched, scores = self.matcher.match(case_a, case_b, points[:1])
-            return None, (float(scores[0]), case_b, points[0], matched[0])
-        matched, scores = self.matcher.match(case_a, case_b, points[known], centres_mm=prior[known])
-        near = np.linalg.norm(matched - prior[known], axis=1) <= self.config.level_prior_mm
-        passing = np.flatnonzero((scores >= self.config.score_threshold) & near)
-        if len(passing) == 0:
-            i = int(np.argmax(scores))
-            return None, (float(scores[i]), case_b, points[known[i]], matched[i])
-        i = int(rng.choice(passing))
-        return self._inter(case_a, case_b, points[known[i]], matched[i], float(scores[i]), "inter", tries, rng,
-                           index), None
-
-    def _first_consistent(self, case_a: str, case_b: str, points: np.ndarray, matched: np.ndarray,
-                          order: np.ndarray) -> int | None:
-        """The first candidate of `order` whose match maps back near itself: matched from case B back
-        into case A, within `cycle_mm` of the query point (every candidate passes with cycle_mm 0).
-        `order` is the passing candidates in random order, so the one returned is uniform among those
-        that pass; they are matched back CYCLE_CHUNK at a time."""
-        limit = self.config.cycle_mm
-        if len(order) == 0:
-            return None
-        if limit <= 0:
-            return int(order[0])
-        for s in range(0, len(order), CYCLE_CHUNK):
-            chunk = order[s:s + CYCLE_CHUNK]
-            back, _ = self.matcher.match(case_b, case_a, matched[chunk])  # [k, 3] world mm in case A
-            ok = np.flatnonzero(np.linalg.norm(back - points[chunk], axis=1) <= limit)
-            if len(ok):
-                return int(chunk[ok[0]])
-        return None
+        """`_match` for cases the levels connect (`accept.match_at_prior`)."""
+        known, matched, scores, passing = match_at_prior(self.matcher, self._levels, self._case(case_a),
+                                                         self._case(case_b), points, self.config.score_threshold,
+                                                         self.config.level_prior_mm)
+        if len(passing):
+            i = int(rng.choice(passing))
+            return self._inter(case_a, case_b, points[known[i]], matched[i], float(scores[i]), "inter", tries,
+                               rng, index), None
+        if len(known) == 0:  # no candidate at a level B shows: the plain match, for the fallback only
+            (matched, scores), known = self.matcher.match(case_a, case_b, points[:1]), np.zeros(1, dtype=np.int64)
+        i = int(np.argmax(scores))
+        return None, (float(scores[i]), case_b, points[known[i]], matched[i])
 
     def _fallback(self, case_a: str, best: tuple, tries: int, rng: np.random.Generator, index: int,
                   point=None) -> dict:
