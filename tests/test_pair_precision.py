@@ -8,8 +8,7 @@ import pytest
 from alice_ds.data import case_key
 from alice_ds.data.cache import list_cases, open_case
 from alice_ds.data.phantom import ATLAS_FIXED_LANDMARKS, corresponding_points
-from alice_ds.sam.io import embedding_path
-from alice_ds.sam.oracle import write_atlas_oracle_embedding
+from alice_ds.sam.oracle import write_atlas_oracle_cases
 from alice_ds.sampler import PairDataset, SamplerConfig
 from alice_ds.sampler.accept import CYCLE_CHUNK
 from alice_ds.sampler.precision import pair_errors_mm, phantom_subjects, precision_report
@@ -45,9 +44,7 @@ def atlas_embed(phantom_dir, phantom_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("atlas_embed")
     ids = list_cases(phantom_cache)
     subjects = phantom_subjects(phantom_dir / "landmarks", ids)
-    for cid in ids:
-        case = open_case(phantom_cache, cid)
-        write_atlas_oracle_embedding(embedding_path(out, cid), cid, case.affine, case.shape, subjects[cid])
+    write_atlas_oracle_cases(phantom_cache, out, subjects)
     return out, subjects
 
 

@@ -9,9 +9,8 @@ import pytest
 from alice_ds.cli import main
 from alice_ds.data.cache import list_cases, open_case
 from alice_ds.data.phantom import corresponding_points
-from alice_ds.sam.io import embedding_path
 from alice_ds.sam.levels import AGREE_MM, EDGES_FILE, LEVELS_FILE, LevelPrior, partner_pairs, solve_offsets
-from alice_ds.sam.oracle import write_atlas_oracle_embedding
+from alice_ds.sam.oracle import write_atlas_oracle_cases
 from alice_ds.sampler import PairDataset, SamplerConfig
 from alice_ds.sampler.precision import pair_errors_mm, phantom_subjects, precision_report
 
@@ -48,9 +47,7 @@ def levels_embed(phantom_dir, phantom_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("levels_embed")
     ids = list_cases(phantom_cache)
     subjects = phantom_subjects(phantom_dir / "landmarks", ids)
-    for cid in ids:
-        case = open_case(phantom_cache, cid)
-        write_atlas_oracle_embedding(embedding_path(out, cid), cid, case.affine, case.shape, subjects[cid])
+    write_atlas_oracle_cases(phantom_cache, out, subjects)
     assert main(["sam-levels", "--embed_dir", str(out), "--cache_dir", str(phantom_cache), "--points", "16"]) == 0
     return out, subjects
 

@@ -115,6 +115,17 @@ def write_atlas_oracle_embedding(path, case_id: str, volume_affine, volume_shape
            lambda aff, shape, wavelengths, offset: _atlas_grid_features(aff, shape, subject, wavelengths, offset))
 
 
+def write_atlas_oracle_cases(cache_dir, embed_dir, subjects: dict) -> None:
+    """`write_atlas_oracle_embedding` for every case of `subjects` ({case id: Subject}), cached in
+    `cache_dir`, into `embed_dir/<case id>.safetensors`."""
+    from alice_ds.data.cache import open_case
+    from alice_ds.sam.io import embedding_path
+
+    for cid, subject in subjects.items():
+        case = open_case(cache_dir, cid)
+        write_atlas_oracle_embedding(embedding_path(embed_dir, cid), cid, case.affine, case.shape, subject)
+
+
 def _atlas_grid_features(affine, shape, subject, wavelengths, offset: int) -> torch.Tensor:
     """`features` of the atlas position of every voxel of a grid -> `[X, Y, Z, 128]`, one x-plane at
     a time (the map is not affine, so `grid_features`' factorisation does not apply)."""
