@@ -105,14 +105,11 @@ def evaluate(embed_dir, landmarks: dict, pairs="all", seed: int = 0, window: int
         names = sorted(set(lq) & set(lk))
         if names:
             pts = np.array([lq[n] for n in names])  # [P, 3]
-            known = np.zeros(len(pts), dtype=bool)
+            matched, known = np.zeros_like(pts), np.zeros(len(pts), dtype=bool)
             if prior is not None and prior.connects(q, k):
-                centres = prior.map_points(open_case(cache_dir, q), open_case(cache_dir, k), pts)  # NaN: none
-                known = ~np.isnan(centres).any(1)
-            matched = np.zeros_like(pts)
-            if known.any():
-                matched[known] = at_prior.match(q, k, pts[known], centres_mm=centres[known])[0]
-                prior_matches += int(known.sum())
+                idx, _, got, _ = prior.match(at_prior, open_case(cache_dir, q), open_case(cache_dir, k), pts)
+                matched[idx], known[idx] = got, True
+                prior_matches += len(idx)
             if not known.all():
                 matched[~known] = matcher.match(q, k, pts[~known])[0]
             for n, d in zip(names, matched - np.array([lk[n] for n in names])):

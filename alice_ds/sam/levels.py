@@ -33,6 +33,7 @@ from alice_ds.args import positive_int
 from alice_ds.console import console, progress
 from alice_ds.data.cache import BODY_HU, list_cases, open_case
 from alice_ds.errors import DataError, UserError
+from alice_ds.files import atomic_write_text
 from alice_ds.sam.io import list_embeddings
 
 LEVELS_FILE = "levels.json"
@@ -123,16 +124,22 @@ def solve_offsets(cases: list[str], shifts: dict[tuple[str, str], float]) -> dic
     return out
 
 
+def level_cases(cache_dir, embed_dir) -> list[str]:
+    """The cases with both an embedding and a cache entry, sorted; a UserError below two."""
+    cases = sorted(set(list_embeddings(embed_dir)) & set(list_cases(cache_dir)))
+    if len(cases) < 2:
+        raise UserError(f"{embed_dir}: need >= 2 cases with both an embedding and a cache entry "
+                        f"in {cache_dir}, found {len(cases)}")
+    return cases
+
+
 def estimate_levels(cache_dir, embed_dir, points: int = DEFAULT_POINTS, partners: int = DEFAULT_PARTNERS,
                     seed: int = 0, on_pair=None, grid_step: int = GRID_STEP) -> dict:
     """Measure the shifts of the chosen pairs (resuming from EDGES_FILE), solve the offsets and
     write LEVELS_FILE -> its content."""
     from alice_ds.sam.matcher import Matcher
 
-    cases = sorted(set(list_embeddings(embed_dir)) & set(list_cases(cache_dir)))
-    if len(cases) < 2:
-        raise UserError(f"{embed_dir}: need >= 2 cases with both an embedding and a cache entry "
-                        f"in {cache_dir}, found {len(cases)}")
+    cases = level_cases(cache_dir, embed_dir)
     edges_path = Path(embed_dir) / EDGES_FILE
     shifts: dict[tuple[str, str], float | None] = {}
     if edges_path.exists():
@@ -144,13 +151,16 @@ def estimate_levels(cache_dir, embed_dir, points: int = DEFAULT_POINTS, partners
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut by an interrupted run: measured again
     matcher = Matcher(embed_dir, search="global", grid_step=grid_step)
+    bodies: dict[str, tuple] = {}  # case -> (cached case, body voxels [M, 3]): each volume read once
     with edges_path.open("a") as log:
         for a, b in partner_pairs(cases, partners, seed):
             for q, k in ((a, b), (b, a)):
                 if (q, k) in shifts:
                     continue
-                case = open_case(cache_dir, q)
-                body = np.argwhere(np.asarray(case.array) > BODY_POINT_HU)  # [M, 3]
+                if q not in bodies:
+                    case = open_case(cache_dir, q)
+                    bodies[q] = (case, np.argwhere(np.asarray(case.array) > BODY_POINT_HU))  # [M, 3]
+                case, body = bodies[q]
                 if len(body) == 0:
                     raise UserError(f"{cache_dir}: case {q} has no voxel above {BODY_POINT_HU:g} HU (no body)")
                 rng = np.random.default_rng([seed, *(ord(ch) for ch in q + k)])
@@ -164,9 +174,7 @@ def estimate_levels(cache_dir, embed_dir, points: int = DEFAULT_POINTS, partners
                 on_pair()
     doc = {"format": LEVELS_FORMAT, "points": points, "partners": partners, "seed": seed, "grid_step": grid_step,
            "cases": solve_offsets(cases, {k: v for k, v in shifts.items() if v is not None})}
-    tmp = Path(embed_dir) / f".{LEVELS_FILE}.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(Path(embed_dir) / LEVELS_FILE)
+    atomic_write_text(Path(embed_dir) / LEVELS_FILE, json.dumps(doc, indent=1))
     return doc
 
 
@@ -232,6 +240,20 @@ class LevelPrior:
         return out
 
 
+    def match(self, matcher, case_a, case_b, points_mm) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Points of A (world mm [P, 3]) searched by a window `matcher` in one fine window around their
+        prior points in B (`case_a`, `case_b`: cached cases this prior `connects`) -> (known [M]:
+        indices of the points that have a prior, centres [M, 3], matched [M, 3], scores [M]); a point
+        at a level B does not show has no counterpart there and is left out."""
+        centres = self.map_points(case_a, case_b, points_mm)  # [P, 3], NaN rows: no prior
+        known = np.flatnonzero(~np.isnan(centres).any(1))
+        if len(known) == 0:
+            return known, np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0, dtype=np.float32)
+        pts = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)[known]
+        matched, scores = matcher.match(case_a.case_id, case_b.case_id, pts, centres_mm=centres[known])
+        return known, centres[known], matched, scores
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embed_dir", required=True, help="folder of SAM embeddings (alice-ds embed); "
                    f"{LEVELS_FILE} and {EDGES_FILE} are written there")
@@ -251,8 +273,7 @@ def run(args) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    cases = sorted(set(list_embeddings(args.embed_dir)) & set(list_cases(args.cache_dir)))
-    total = len(partner_pairs(cases, args.partners, args.seed)) if len(cases) >= 2 else 0
+    total = len(partner_pairs(level_cases(args.cache_dir, args.embed_dir), args.partners, args.seed))
     with progress(unit="pairs") as bar:
         task = bar.add_task("sam-levels", total=total)
         doc = estimate_levels(args.cache_dir, args.embed_dir, args.points, args.partners, args.seed,

@@ -34,15 +34,11 @@ def first_consistent(matcher, case_a: str, case_b: str, points: np.ndarray, matc
 def match_at_prior(matcher, prior: LevelPrior, case_a, case_b, points: np.ndarray, threshold: float,
                    radius_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Each candidate point of A (world mm [K, 3]) searched in one fine window around its prior point
-    in B (`LevelPrior.map_points`; `case_a`, `case_b` cached cases). Those whose level lies outside B
+    in B (`LevelPrior.match`; `case_a`, `case_b` cached cases). Those whose level lies outside B
     have no counterpart there and are not matched. -> (known [M] indices into points, matched
     [M, 3], scores [M], passing: positions in `known` whose score reaches `threshold` and whose match
     lies within `radius_mm` of the prior point). No cycle check: on the held-out phantoms the prior
     alone gives the precision at a higher acceptance (docs/experiments/2026-12-03-sam-body-levels.md)."""
-    centres = prior.map_points(case_a, case_b, points)  # [K, 3], NaN rows: no prior
-    known = np.flatnonzero(~np.isnan(centres).any(1))
-    if len(known) == 0:
-        return known, np.zeros((0, 3)), np.zeros(0, dtype=np.float32), known
-    matched, scores = matcher.match(case_a.case_id, case_b.case_id, points[known], centres_mm=centres[known])
-    near = np.linalg.norm(matched - centres[known], axis=1) <= radius_mm
+    known, centres, matched, scores = prior.match(matcher, case_a, case_b, points)
+    near = np.linalg.norm(matched - centres, axis=1) <= radius_mm
     return known, matched, scores, np.flatnonzero((scores >= threshold) & near)
